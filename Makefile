@@ -1,0 +1,51 @@
+# The two Quick start commands: `make all` (set up, then the whole pipeline on data/raw)
+# and `make test` (set up, then the test suite). Each step is a plain script you can rerun alone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+RAW    := data/raw
+DATA   := data/faces
+RUN    := runs/attention-off
+
+.PHONY: all setup check-raw prepare train test lint clean
+
+all: setup check-raw prepare train
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+check-raw:
+	@if [ ! -d $(RAW)/real ] || [ ! -d $(RAW)/fake ]; then \
+	  echo "error: no face images under $(RAW)/real/<source>/ and $(RAW)/fake/<source>/."; \
+	  echo "Download the sources and lay them out one folder per source, for example:"; \
+	  echo "  $(RAW)/real/ffhq/   FFHQ           https://github.com/NVlabs/ffhq-dataset  (or the real half of"; \
+	  echo "                                     https://www.kaggle.com/datasets/xhlulu/140k-real-and-fake-faces)"; \
+	  echo "  $(RAW)/real/lfw/    LFW            https://www.kaggle.com/datasets/jessicali9530/lfw-dataset  (keep the <person>/ folders)"; \
+	  echo "  $(RAW)/fake/tpdne_stylegan2/       This-Person-Does-Not-Exist (StyleGAN2): https://thispersondoesnotexist.com,"; \
+	  echo "                                     https://www.kaggle.com/datasets/almightyj/person-face-dataset-thispersondoesnotexist"; \
+	  echo "  $(RAW)/fake/atpde/                 All-These-People-Don't-Exist: https://github.com/SelfishGene/all-these-people-dont-exist"; \
+	  echo "  $(RAW)/fake/stylegan1_140k/        the fake half of https://www.kaggle.com/datasets/xhlulu/140k-real-and-fake-faces"; \
+	  echo "  $(RAW)/fake/<other>/               other AI faces, e.g. https://www.kaggle.com/datasets/tunguz/1-million-fake-faces"; \
+	  echo "On the development machines: mkdir -p data && ln -s ../../shared/data/faces $(RAW)"; \
+	  exit 2; \
+	fi
+
+prepare: setup check-raw
+	$(PY) prepare_data.py --real $(RAW)/real/* --fake $(RAW)/fake/* --out $(DATA) --crop lfw=0.62
+
+train: setup
+	$(PY) train.py --attention off --data $(DATA) --out $(RUN)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(DATA) runs

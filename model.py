@@ -1,0 +1,182 @@
+"""FaceCheckNet: a compact CNN for real-vs-generated faces, with ONE spatial self-attention
+layer that can be switched off (attention=False removes it; nothing else changes).
+
+Layout at the default 128 px input (channels x positions):
+    fixed high-pass residual (RGB + RGB - blur(RGB))          6 x 128²
+    stem     3x3 stride-2 conv                                w0 x 64²
+    stage 1  3x3 stride-2 conv, 3x3 conv                      w1 x 32²
+    stage 2  3x3 stride-2 conv, 3x3 conv                      w2 x 16²
+    [attention over the 256 positions of stage 2]             w2 x 16²
+    stage 3  3x3 stride-2 conv, 3x3 conv                      w3 x 8²
+    global average pool, dropout, linear -> 2 logits (real, fake)
+
+Stride 2 from the first layer keeps the cost per image low on a CPU; the high-pass
+residual hands the network the pixel-level noise where generator traces live, which
+face content would otherwise drown. Everything is conv / batch norm / SiLU / matmul /
+softmax / reshape, so it exports to ONNX and TensorRT as is.
+
+    python model.py      # parameters and FLOPs of both variants
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_CONFIG = {
+    "image_size": 128,
+    "widths": (24, 48, 96, 192),
+    "attention": True,
+    "attention_key_channels": 16,
+    "dropout": 0.3,
+    "highpass": True,
+    # ImageNet statistics; the model takes [0, 1] RGB and normalises inside itself.
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+}
+
+
+def conv_bn_act(cin, cout, stride=1):
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.SiLU(inplace=True),
+    )
+
+
+class SpatialSelfAttention(nn.Module):
+    """Self-attention over the H*W positions of a feature map (SAGAN, Zhang et al. 2019):
+    1x1-conv queries/keys/values, softmax(QK^T / sqrt(d)) V, a 1x1 output projection and a
+    residual whose scale gamma starts at 0, so training begins from the plain CNN.
+    A learned positional embedding is added to queries and keys (not values) so that
+    attention can depend on where in the face a position is."""
+
+    def __init__(self, channels, key_channels, height, width):
+        super().__init__()
+        self.scale = 1.0 / math.sqrt(key_channels)
+        self.query = nn.Conv2d(channels, key_channels, 1)
+        self.key = nn.Conv2d(channels, key_channels, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        self.position = nn.Parameter(torch.zeros(1, channels, height, width))
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.keep_map = False  # set True to keep the last attention map (heatmaps)
+        self.last_map = None
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        xp = x + self.position
+        q = self.query(xp).flatten(2).transpose(1, 2)  # n, hw, d
+        k = self.key(xp).flatten(2)  # n, d, hw
+        v = self.value(x).flatten(2)  # n, c, hw
+        attn = torch.softmax(torch.matmul(q, k) * self.scale, dim=-1)  # n, hw(query), hw(key)
+        if self.keep_map:
+            self.last_map = attn.detach()
+        out = torch.matmul(v, attn.transpose(1, 2)).reshape(n, c, h, w)
+        return x + self.gamma * self.proj(out)
+
+
+class FaceCheckNet(nn.Module):
+    def __init__(self, config=None):
+        super().__init__()
+        cfg = {**DEFAULT_CONFIG, **(config or {})}
+        self.config = cfg
+        w0, w1, w2, w3 = cfg["widths"]
+        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1))
+        self.highpass = cfg["highpass"]
+        cin = 6 if self.highpass else 3
+        self.stem = conv_bn_act(cin, w0, stride=2)
+        self.stage1 = nn.Sequential(conv_bn_act(w0, w1, 2), conv_bn_act(w1, w1))
+        self.stage2 = nn.Sequential(conv_bn_act(w1, w2, 2), conv_bn_act(w2, w2))
+        side = cfg["image_size"] // 8
+        self.attention = (
+            SpatialSelfAttention(w2, cfg["attention_key_channels"], side, side)
+            if cfg["attention"]
+            else None
+        )
+        self.stage3 = nn.Sequential(conv_bn_act(w2, w3, 2), conv_bn_act(w3, w3))
+        self.dropout = nn.Dropout(cfg["dropout"])
+        self.head = nn.Linear(w3, 2)
+
+    def features(self, x):
+        """[0, 1] RGB N x 3 x H x W -> stage-3 feature map (Grad-CAM hooks here)."""
+        x = (x - self.mean) / self.std
+        if self.highpass:
+            # Fixed 3x3 box blur per channel; x - blur(x) keeps the fine noise residual.
+            blur = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+            x = torch.cat([x, (x - blur) * 4.0], dim=1)
+        x = self.stage2(self.stage1(self.stem(x)))
+        if self.attention is not None:
+            x = self.attention(x)
+        return self.stage3(x)
+
+    def forward(self, x):
+        """Returns logits N x 2 (index 0 = real, 1 = fake)."""
+        x = self.features(x).mean(dim=(2, 3))
+        return self.head(self.dropout(x))
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model, image_size=None):
+    """FLOPs (multiply and add counted separately) of one forward pass on one image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = image_size or model.config["image_size"]
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    model.train(was_training)
+    return counter.get_total_flops()
+
+
+class CheckpointError(Exception):
+    """A file that is not a usable facecheck checkpoint; str(exc) is a one-line reason."""
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a facecheck checkpoint safely (weights_only: a pickle payload is refused, never
+    run) and rebuild the model from the config stored inside it. Returns (model, checkpoint)."""
+    import pickle
+
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise CheckpointError(
+            f"{path}: refused, not a plain weights file ({first[:120]})"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "facecheck" or "model" not in ckpt:
+        raise CheckpointError(
+            f"{path}: not a facecheck checkpoint (no 'format': 'facecheck' entry)"
+        )
+    try:
+        model = FaceCheckNet(ckpt["config"])
+        model.load_state_dict(ckpt["model"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:2])[:200]
+        raise CheckpointError(
+            f"{path}: weights do not fit the stored model config ({detail})"
+        ) from None
+    model.eval()
+    return model, ckpt
+
+
+if __name__ == "__main__":
+    for attention in (False, True):
+        m = FaceCheckNet({"attention": attention})
+        print(
+            f"attention {'on ' if attention else 'off'}: {count_parameters(m):,} parameters, "
+            f"{count_flops(m) / 1e6:.1f} MFLOPs per {m.config['image_size']} px image"
+        )

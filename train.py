@@ -1,0 +1,549 @@
+"""Train FaceCheckNet on a dataset made by prepare_data.py.
+
+    python train.py --attention off              # -> runs/attention-off/best.pt
+    python train.py --attention on --seed 1 --out runs/on-s1
+    python train.py --resume runs/attention-off/last.pt
+
+Class-weighted cross-entropy (or focal loss), the same augmentation for both classes
+(flip, mild resized crop, JPEG re-compression, Gaussian blur), AdamW with a one-cycle
+schedule, early stopping on validation loss. The run folder gets best.pt (lowest
+validation loss), last.pt (every epoch, atomically), history.csv and curves.png.
+Every checkpoint carries the model config, the decision threshold chosen on validation
+and the hash of the data manifest, so the other scripts need nothing but the file.
+"""
+
+import argparse
+import csv
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from common import (
+    CLASS_NAMES,
+    atomic_write,
+    load_split,
+    manifest_hash,
+    pick_device,
+    to_model_input,
+)
+from model import (
+    DEFAULT_CONFIG,
+    CheckpointError,
+    FaceCheckNet,
+    count_flops,
+    count_parameters,
+    load_checkpoint,
+)
+
+HISTORY_FIELDS = [
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "seconds",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--attention",
+        choices=["on", "off"],
+        default="off",
+        help="with or without the spatial self-attention layer (default off)",
+    )
+    p.add_argument(
+        "--data",
+        default="data/faces",
+        help="prepared dataset folder (default data/faces)",
+    )
+    p.add_argument("--out", default=None, help="run folder (default runs/attention-<on|off>)")
+    p.add_argument("--epochs", type=int, default=20, help="maximum epochs (default 20)")
+    p.add_argument("--batch-size", type=int, default=64, help="default 64")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=3e-3,
+        help="peak learning rate of the one-cycle schedule (default 3e-3)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.05,
+        help="AdamW weight decay (default 0.05)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=["weighted-ce", "focal"],
+        default="weighted-ce",
+        help="class-weighted cross-entropy or class-weighted focal loss (default weighted-ce)",
+    )
+    p.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (default 2)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="stop after this many epochs without a lower validation loss (default 5)",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=["uniform", "source-balanced"],
+        default="source-balanced",
+        help="source-balanced draws every source of a class equally often, so the small "
+        "sources (e.g. FFHQ next to LFW) are not drowned; class totals stay as they are and "
+        "the loss weights the classes (default source-balanced)",
+    )
+    p.add_argument(
+        "--width",
+        type=float,
+        default=1.0,
+        help="multiply the model's channel widths (default 1)",
+    )
+    p.add_argument(
+        "--no-highpass",
+        action="store_true",
+        help="drop the fixed high-pass input residual",
+    )
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="default auto (CUDA when present)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="augmentation worker processes (default 1; 0 = in the main process)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: its own choice)",
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="LAST_PT",
+        help="continue a run from its last.pt",
+    )
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = f"runs/attention-{args.attention}"
+    return args
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def class_weights(labels):
+    """Inverse class frequency, scaled so a balanced set gets weight 1 per class."""
+    counts = torch.bincount(labels, minlength=len(CLASS_NAMES)).float()
+    if (counts == 0).any():
+        missing = [CLASS_NAMES[i] for i in range(len(counts)) if counts[i] == 0]
+        raise SystemExit(f"error: the train split has no {', '.join(missing)} images")
+    return counts.sum() / (len(counts) * counts)
+
+
+def focal_loss(logits, targets, weight=None, gamma=2.0):
+    """Class-weighted focal loss (Lin et al. 2017), normalised like F.cross_entropy's
+    weighted mean so that gamma = 0 gives exactly the weighted cross-entropy.
+    torchvision.ops.sigmoid_focal_loss is the binary-sigmoid form, hence this one."""
+    log_p = F.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
+    w = weight[targets] if weight is not None else torch.ones_like(log_p)
+    loss = -w * (1 - log_p.exp()).pow(gamma) * log_p
+    return loss.sum() / w.sum()
+
+
+def source_balanced_weights(rows):
+    """Sampling weight per train image: within each class every source is drawn equally
+    often; the class totals keep their natural proportions."""
+    per_source, per_class, sources_of = {}, {}, {}
+    for r in rows:
+        per_source[r["source"]] = per_source.get(r["source"], 0) + 1
+        per_class[r["label"]] = per_class.get(r["label"], 0) + 1
+        sources_of.setdefault(r["label"], set()).add(r["source"])
+    return torch.tensor(
+        [
+            per_class[r["label"]] / len(sources_of[r["label"]]) / per_source[r["source"]]
+            for r in rows
+        ],
+        dtype=torch.double,
+    )
+
+
+class EarlyStopping:
+    """Counts epochs without a new lowest validation loss; .step() says whether to stop."""
+
+    def __init__(self, patience, best=float("inf"), bad_epochs=0):
+        self.patience, self.best, self.bad_epochs = patience, best, bad_epochs
+
+    def step(self, val_loss):
+        if val_loss < self.best - 1e-4:
+            self.best, self.bad_epochs = val_loss, 0
+            return False
+        self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    @property
+    def improved(self):
+        return self.bad_epochs == 0
+
+
+def train_transform(size):
+    """Augmentation for both classes alike. JPEG and blur follow Wang et al. 2020:
+    they stop the detector from keying on one source's codec or sharpness."""
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.2, 1.2))], p=0.5),
+            v2.RandomApply([v2.JPEG(quality=(60, 95))], p=0.5),
+        ]
+    )
+
+
+class AugmentedImages(Dataset):
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+@torch.no_grad()
+def predict(model, images, device, batch_size=256):
+    """Fake-class probabilities and logits of uint8 images N x 3 x H x W."""
+    model.eval()
+    logits = []
+    for start in range(0, len(images), batch_size):
+        batch = to_model_input(images[start : start + batch_size]).to(device)
+        if device.type == "cuda":
+            batch = batch.to(memory_format=torch.channels_last)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            logits.append(model(batch).float().cpu())
+    logits = torch.cat(logits)
+    return logits.softmax(1)[:, 1], logits
+
+
+def choose_threshold(prob_fake, labels):
+    """The threshold with the best balanced accuracy on validation (ties: nearest 0.5)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(labels.numpy(), prob_fake.numpy())
+    score = tpr - fpr  # Youden's J = 2 * balanced accuracy - 1
+    finite = np.isfinite(thresholds)
+    best = score[finite].max()
+    candidates = thresholds[finite][score[finite] >= best - 1e-12]
+    # sklearn's thresholds are the scores themselves; step halfway to the next one down.
+    t = float(candidates[np.argmin(np.abs(candidates - 0.5))])
+    below = prob_fake[prob_fake < t]
+    return (t + float(below.max())) / 2 if len(below) else t
+
+
+def git_commit():
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def save_checkpoint(path, state):
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def plot_curves(history, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax2.plot(epochs, [h["train_acc"] for h in history], "o-", label="train (augmented)")
+    ax2.plot(epochs, [h["val_acc"] for h in history], "o-", label="validation")
+    ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"), suffix=".png")
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    resume = None
+    if args.resume:
+        try:
+            _, resume = load_checkpoint(args.resume)
+        except CheckpointError as exc:
+            sys.exit(f"error: {exc}")
+        if "optimizer" not in resume:
+            sys.exit(f"error: {args.resume} holds no optimizer state; resume from a last.pt")
+        saved = resume["train_args"]
+        for key in (
+            "data",
+            "out",
+            "epochs",
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "loss",
+            "focal_gamma",
+            "patience",
+            "sampler",
+            "seed",
+            "width",
+            "no_highpass",
+            "attention",
+        ):
+            setattr(args, key, saved[key])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    set_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    data_dir = Path(args.data)
+    if not (data_dir / "manifest.csv").is_file():
+        sys.exit(
+            f"error: no dataset at {data_dir} (manifest.csv missing); run prepare_data.py first"
+        )
+    train_images, train_labels, train_rows = load_split(data_dir, "train", progress=True)
+    val_images, val_labels, _ = load_split(data_dir, "val", progress=True)
+    size = train_images.shape[-1]
+    data_hash = manifest_hash(data_dir)
+
+    config = {
+        **DEFAULT_CONFIG,
+        "image_size": size,
+        "attention": args.attention == "on",
+        "widths": tuple(max(8, round(w * args.width)) for w in DEFAULT_CONFIG["widths"]),
+        "highpass": not args.no_highpass,
+    }
+    model = FaceCheckNet(config).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    weights = class_weights(train_labels).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    dataset = AugmentedImages(train_images, train_labels, train_transform(size))
+    if args.sampler == "source-balanced":
+        sampler = WeightedRandomSampler(
+            source_balanced_weights(train_rows),
+            len(dataset),
+            replacement=True,
+            generator=generator,
+        )
+    else:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=args.lr,
+        epochs=args.epochs,
+        steps_per_epoch=len(loader),
+        pct_start=0.15,
+    )
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
+
+    start_epoch, history, stopper = 1, [], EarlyStopping(args.patience)
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["sampler_rng"])
+        torch.set_rng_state(resume["torch_rng"])
+        start_epoch = resume["epoch"] + 1
+        history = resume["history"]
+        stopper = EarlyStopping(args.patience, resume["best_val_loss"], resume["bad_epochs"])
+        print(f"resumed {args.resume} at epoch {start_epoch}")
+
+    params, flops = count_parameters(model), count_flops(FaceCheckNet(config))
+    print(
+        f"model: attention {args.attention}, {params:,} parameters, {flops / 1e6:.0f} MFLOPs/image; "
+        f"device {device}; train {len(train_labels)} ({(train_labels == 0).sum()} real, "
+        f"{(train_labels == 1).sum()} fake), val {len(val_labels)}; class weights "
+        f"{[round(w, 3) for w in weights.tolist()]}"
+    )
+
+    def checkpoint(epoch, val_metrics, threshold, with_training_state):
+        state = {
+            "format": "facecheck",
+            "version": 1,
+            "config": {
+                **config,
+                "widths": list(config["widths"]),
+                "mean": list(config["mean"]),
+                "std": list(config["std"]),
+            },
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "class_names": list(CLASS_NAMES),
+            "image_size": size,
+            "threshold": threshold,
+            "epoch": epoch,
+            "val_metrics": val_metrics,
+            "manifest_sha256": data_hash,
+            "data": str(data_dir),
+            "git_commit": git_commit(),
+            "params": params,
+            "flops": flops,
+            "train_seconds": sum(h["seconds"] for h in history),
+            "train_args": {k: v for k, v in vars(args).items()},
+        }
+        if with_training_state:
+            state.update(
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                sampler_rng=generator.get_state(),
+                torch_rng=torch.get_rng_state(),
+                history=history,
+                best_val_loss=stopper.best,
+                bad_epochs=stopper.bad_epochs,
+            )
+        return state
+
+    # SIGTERM (e.g. a job scheduler) ends the run like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    epoch = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, args.epochs + 1):
+            started = time.time()
+            model.train()
+            total_loss, correct, seen = 0.0, 0, 0
+            bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, unit="batch")
+            for images, labels in bar:
+                x = to_model_input(images).to(device, non_blocking=True)
+                y = labels.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    x = x.to(memory_format=torch.channels_last)
+                with torch.autocast(device.type, enabled=device.type == "cuda"):
+                    logits = model(x)
+                logits = logits.float()
+                if args.loss == "focal":
+                    loss = focal_loss(logits, y, weights, args.focal_gamma)
+                else:
+                    loss = F.cross_entropy(logits, y, weight=weights)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                total_loss += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+            prob, val_logits = predict(model, val_images, device)
+            val_loss = F.cross_entropy(val_logits, val_labels).item()
+            val_acc = ((prob >= 0.5).long() == val_labels).float().mean().item()
+            row = {
+                "epoch": epoch,
+                "lr": scheduler.get_last_lr()[0],
+                "train_loss": total_loss / seen,
+                "train_acc": correct / seen,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "seconds": time.time() - started,
+            }
+            history.append(row)
+            stop = stopper.step(val_loss)
+            if stopper.improved:
+                threshold = choose_threshold(prob, val_labels)
+                val_acc_t = ((prob >= threshold).long() == val_labels).float().mean().item()
+                metrics = {
+                    "loss": val_loss,
+                    "accuracy": val_acc,
+                    "accuracy_at_threshold": val_acc_t,
+                }
+                save_checkpoint(out / "best.pt", checkpoint(epoch, metrics, threshold, False))
+            save_checkpoint(
+                out / "last.pt",
+                checkpoint(epoch, {"loss": val_loss, "accuracy": val_acc}, 0.5, True),
+            )
+            write_history(out / "history.csv", history)
+            plot_curves(history, out / "curves.png")
+            print(
+                f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
+                f"val loss {val_loss:.4f} acc {val_acc:.3f}  {row['seconds']:.0f}s"
+                f"{'  *best' if stopper.improved else ''}",
+                flush=True,
+            )
+            if stop:
+                print(f"early stop: no lower validation loss for {args.patience} epochs")
+                break
+    except KeyboardInterrupt:
+        if not (out / "last.pt").exists():
+            save_checkpoint(out / "last.pt", checkpoint(epoch, {}, 0.5, True))
+        print(
+            f"\ninterrupted: {out / 'last.pt'} holds epoch {min(epoch - 1, epoch) if history else 0}; "
+            f"continue with: python train.py --resume {out / 'last.pt'}"
+        )
+        sys.exit(130)
+
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    total = sum(h["seconds"] for h in history)
+    print(
+        f"best epoch {best['epoch']}: val loss {best['val_metrics']['loss']:.4f}, "
+        f"val acc {best['val_metrics']['accuracy']:.4f} (at threshold {best['threshold']:.3f}: "
+        f"{best['val_metrics']['accuracy_at_threshold']:.4f}); {total / 60:.1f} min of training; "
+        f"saved {out / 'best.pt'}"
+    )
+
+
+def write_history(path, history):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+            w.writeheader()
+            for h in history:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in h.items()})
+
+    atomic_write(path, write)
+
+
+if __name__ == "__main__":
+    main()
