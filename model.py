@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import to_model_input
+
 DEFAULT_CONFIG = {
     "image_size": 128,
     "widths": (24, 48, 96, 192),
@@ -134,6 +136,21 @@ def count_flops(model, image_size=None):
         model(torch.zeros(1, 3, size, size))
     model.train(was_training)
     return counter.get_total_flops()
+
+
+@torch.no_grad()
+def predict(model, images, device, batch_size=256):
+    """Fake-class probabilities and logits of uint8 images N x 3 x H x W."""
+    model.eval()
+    logits = []
+    for start in range(0, len(images), batch_size):
+        batch = to_model_input(images[start : start + batch_size]).to(device)
+        if device.type == "cuda":
+            batch = batch.to(memory_format=torch.channels_last)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            logits.append(model(batch).float().cpu())
+    logits = torch.cat(logits)
+    return logits.softmax(1)[:, 1], logits
 
 
 class CheckpointError(Exception):

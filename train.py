@@ -43,6 +43,7 @@ from model import (
     count_flops,
     count_parameters,
     load_checkpoint,
+    predict,
 )
 
 HISTORY_FIELDS = [
@@ -231,21 +232,6 @@ class AugmentedImages(Dataset):
 
     def __getitem__(self, i):
         return self.transform(self.images[i]), self.labels[i]
-
-
-@torch.no_grad()
-def predict(model, images, device, batch_size=256):
-    """Fake-class probabilities and logits of uint8 images N x 3 x H x W."""
-    model.eval()
-    logits = []
-    for start in range(0, len(images), batch_size):
-        batch = to_model_input(images[start : start + batch_size]).to(device)
-        if device.type == "cuda":
-            batch = batch.to(memory_format=torch.channels_last)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            logits.append(model(batch).float().cpu())
-    logits = torch.cat(logits)
-    return logits.softmax(1)[:, 1], logits
 
 
 def choose_threshold(prob_fake, labels):
