@@ -201,8 +201,11 @@ def load_split(data_dir, split, size=None, crop=1.0, progress=False):
     rows = read_manifest(data_dir, split)
     if not rows:
         raise SystemExit(f"error: split '{split}' of {data_dir} holds no images")
-    first = decode_image(rows[0]["file"])
-    size = size or first.shape[0]
+    if size is None:
+        try:
+            size = decode_image(rows[0]["file"]).shape[0]
+        except BadImage as exc:
+            raise SystemExit(f"error: {rows[0]['file']}: {exc}") from None
     images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
     for i, row in enumerate(tqdm(rows, desc=f"load {split}", disable=not progress, leave=False)):
         try:

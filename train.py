@@ -300,23 +300,12 @@ def main(argv=None):
         if "optimizer" not in resume:
             sys.exit(f"error: {args.resume} holds no optimizer state; resume from a last.pt")
         saved = resume["train_args"]
-        for key in (
-            "data",
-            "out",
-            "epochs",
-            "batch_size",
-            "lr",
-            "weight_decay",
-            "loss",
-            "focal_gamma",
-            "patience",
-            "sampler",
-            "seed",
-            "width",
-            "no_highpass",
-            "attention",
-        ):
-            setattr(args, key, saved[key])
+        # The run's own settings, workers included: the worker count changes the augmentation
+        # random streams, and a resumed run should end exactly where an uninterrupted one would.
+        keep = ("device", "threads", "resume")
+        for key in saved:
+            if key not in keep:
+                setattr(args, key, saved[key])
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -377,6 +366,8 @@ def main(argv=None):
     )
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
 
+    # Before the RNG state is restored below: building a model consumes random numbers.
+    params, flops = count_parameters(model), count_flops(FaceCheckNet(config))
     start_epoch, history, stopper = 1, [], EarlyStopping(args.patience)
     if resume:
         model.load_state_dict(resume["model"])
@@ -389,7 +380,6 @@ def main(argv=None):
         stopper = EarlyStopping(args.patience, resume["best_val_loss"], resume["bad_epochs"])
         print(f"resumed {args.resume} at epoch {start_epoch}")
 
-    params, flops = count_parameters(model), count_flops(FaceCheckNet(config))
     print(
         f"model: attention {args.attention}, {params:,} parameters, {flops / 1e6:.0f} MFLOPs/image; "
         f"device {device}; train {len(train_labels)} ({(train_labels == 0).sum()} real, "

@@ -13,15 +13,17 @@ sys.path.insert(0, str(ROOT))
 
 
 def synthetic_image(kind, seed, size=64):
-    """A random texture with shapes. 'fake' images carry a faint periodic high-frequency
-    pattern (a stand-in for upsampling artefacts), so the classes are learnable."""
+    """A random texture with shapes. 'fake' images carry a periodic stripe pattern (a
+    stand-in for generator artefacts, coarse enough to survive a 2x downscale), so the
+    classes are learnable."""
     rng = np.random.default_rng(seed)
     base = rng.integers(40, 200, size=3)
     grad = np.linspace(0, 1, size)[None, :, None] * rng.integers(-40, 40, size=3)
     arr = np.clip(base + grad + rng.normal(0, 6, (size, size, 3)), 0, 255)
     if kind == "fake":
         yy, xx = np.mgrid[0:size, 0:size]
-        arr = np.clip(arr + 22 * (((yy + xx) % 2) * 2 - 1)[..., None], 0, 255)
+        stripes = np.sin(2 * np.pi * (yy + xx) * size / 64 / 8.0)
+        arr = np.clip(arr + 30 * stripes[..., None], 0, 255)
     im = Image.fromarray(arr.astype(np.uint8))
     draw = ImageDraw.Draw(im)
     for _ in range(3):
@@ -44,7 +46,9 @@ def write_source(folder, kind, count, seed0, size=64, fmt="PNG", people=None):
         sub.mkdir(parents=True, exist_ok=True)
         ext = "png" if fmt == "PNG" else "jpg"
         path = sub / f"img_{i:03d}.{ext}"
-        synthetic_image(kind, seed0 + i, size).save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        synthetic_image(kind, seed0 + i, size).save(
+            path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})
+        )
         paths.append(path)
     return paths
 

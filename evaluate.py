@@ -1,0 +1,636 @@
+"""Evaluate a trained FaceCheckNet on one split of a prepared dataset, or compare runs.
+
+    python evaluate.py --split test                     # best run under runs/, on its own data
+    python evaluate.py --checkpoint runs/exp-a --robustness --heatmaps 8
+    python evaluate.py --compare runs/                  # ablation table of every run in runs/
+
+A single evaluation writes metrics.json, predictions.csv, confusion_matrix.png, roc.png and
+per_source.png (plus robustness.png / heatmaps.png when asked) to RUN/eval-<split>/.
+"fake" is the positive class. Predictions use the decision threshold stored in the
+checkpoint (chosen on validation, never on the split evaluated); accuracy at 0.5 is shown
+for reference. The per-source table is the shortcut audit: a model that keys on a source's
+framing or codec instead of generator traces shows up as one source far below the others.
+
+--compare evaluates every run on validation and test and writes compare.json and
+compare.md: per-run records, mean +- std per arm (attention on / off) and McNemar's exact
+test on the paired test predictions of runs with the same seed.
+"""
+
+import argparse
+import json
+import math
+import sys
+from functools import partial
+from itertools import zip_longest
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from common import (
+    CLASS_NAMES,
+    atomic_write,
+    load_split,
+    manifest_hash,
+    pick_device,
+    to_model_input,
+    write_csv,
+)
+from model import CheckpointError, count_flops, count_parameters, load_checkpoint, predict
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a .pt file or a run folder (its best.pt); default: the best.pt under --runs "
+        "with the lowest validation loss",
+    )
+    p.add_argument("--runs", default="runs", help="where to look for that best run (default runs)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="prepared dataset folder (default: the one stored in the checkpoint if it "
+        "exists, else data/faces)",
+    )
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test"],
+        default="test",
+        help="split to evaluate (default test)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default RUN/eval-<split>/; with --compare runs/compare/)",
+    )
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the JSON report here")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="default auto: CUDA if present",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="images per forward pass (default 256)"
+    )
+    p.add_argument(
+        "--robustness",
+        action="store_true",
+        help="re-evaluate after JPEG q95/75/50, downscale x0.5 and back, Gaussian blur sigma 1",
+    )
+    p.add_argument(
+        "--heatmaps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="grid of N images with attention and Grad-CAM overlays (default 0 = none)",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="compare runs: run folders, .pt files or folders holding run folders "
+        "(uses val and test; --split is ignored)",
+    )
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- metrics
+def compute_metrics(labels, prob, threshold):
+    """Headline metrics of one set of predictions (fake = 1 is the positive class)."""
+    from sklearn import metrics as skm
+
+    labels, prob = np.asarray(labels, dtype=int), np.asarray(prob, dtype=float)
+    pred = (prob >= threshold).astype(int)
+    p, r, f, support = skm.precision_recall_fscore_support(
+        labels, pred, labels=[0, 1], zero_division=0
+    )
+    mp, mr, mf, _ = skm.precision_recall_fscore_support(
+        labels, pred, labels=[0, 1], average="macro", zero_division=0
+    )
+    out = {
+        "n": len(labels),
+        "threshold": float(threshold),
+        "accuracy": float(skm.accuracy_score(labels, pred)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(labels, pred)),
+        "accuracy_at_0.5": float(skm.accuracy_score(labels, (prob >= 0.5).astype(int))),
+        "per_class": {
+            name: dict(
+                precision=float(p[i]), recall=float(r[i]), f1=float(f[i]), support=int(support[i])
+            )
+            for i, name in enumerate(CLASS_NAMES)
+        },
+        "macro": {"precision": float(mp), "recall": float(mr), "f1": float(mf)},
+        "confusion_matrix": {
+            "rows": "true",
+            "columns": "predicted",
+            "labels": list(CLASS_NAMES),
+            "matrix": skm.confusion_matrix(labels, pred, labels=[0, 1]).tolist(),
+        },
+        **dict.fromkeys(["roc_auc", "average_precision", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct"]),
+    }
+    if len(np.unique(labels)) == 2:  # ranking metrics need both classes
+        fpr, tpr, _ = skm.roc_curve(labels, prob, drop_intermediate=False)
+        out.update(
+            roc_auc=float(skm.roc_auc_score(labels, prob)),
+            average_precision=float(skm.average_precision_score(labels, prob)),
+            # The best operating point whose false-positive rate stays within the budget.
+            tpr_at_fpr_1pct=float(tpr[fpr <= 0.01].max()),
+            tpr_at_fpr_5pct=float(tpr[fpr <= 0.05].max()),
+        )
+    return out
+
+
+def per_source_table(rows, prob, threshold):
+    """n, accuracy and mean prob_fake of every source in rows (one label per source)."""
+    prob = np.asarray(prob, dtype=float)
+    sources = np.array([r["source"] for r in rows])
+    labels = np.array([CLASS_NAMES.index(r["label"]) for r in rows])
+    correct = (prob >= threshold).astype(int) == labels
+    label_of = {r["source"]: r["label"] for r in rows}
+    table = []
+    for source in sorted(label_of, key=lambda s: (CLASS_NAMES.index(label_of[s]), s)):
+        m = sources == source
+        row = dict(source=source, label=label_of[source], n=int(m.sum()))
+        table.append(
+            {**row, "accuracy": float(correct[m].mean()), "mean_prob_fake": float(prob[m].mean())}
+        )
+    return table
+
+
+def mcnemar_exact(b, c):
+    """Exact two-sided McNemar p-value: under H0 the b + c discordant pairs split 50/50."""
+    from scipy.stats import binomtest
+
+    return 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+
+
+# ---------------------------------------------------------------- perturbations
+# Plain functions on uint8 N x 3 x H x W tensors, applied to both classes alike.
+def rescale(images, factor=0.5):
+    """Down to factor x the side and back (antialiased): removes the finest frequencies."""
+    h, w = images.shape[-2:]
+    small = TF.resize(images, [round(h * factor), round(w * factor)], antialias=True)
+    return TF.resize(small, [h, w], antialias=True)
+
+
+def blur(images, sigma=1.0):
+    k = 2 * math.ceil(3 * sigma) + 1  # the kernel covers +-3 sigma
+    return TF.gaussian_blur(images, [k, k], [sigma, sigma])
+
+
+PERTURBATIONS = {
+    "jpeg95": partial(TF.jpeg, quality=95),
+    "jpeg75": partial(TF.jpeg, quality=75),
+    "jpeg50": partial(TF.jpeg, quality=50),
+    "downscale0.5": partial(rescale, factor=0.5),
+    "blur1": partial(blur, sigma=1.0),
+}
+
+
+def robustness(model, images, labels, threshold, device, batch_size=256):
+    """Accuracy and AUC on the clean split and after each perturbation."""
+    results = []
+    for name in tqdm(["clean", *PERTURBATIONS], desc="robustness", leave=False):
+        x = images
+        if name != "clean":
+            chunks = range(0, len(images), batch_size)
+            x = torch.cat([PERTURBATIONS[name](images[i : i + batch_size]) for i in chunks])
+        prob, _ = predict(model, x, device, batch_size)
+        m = compute_metrics(labels, prob, threshold)
+        results.append({"condition": name, "accuracy": m["accuracy"], "roc_auc": m["roc_auc"]})
+    return results
+
+
+# ---------------------------------------------------------------- heatmaps
+def pick_examples(labels, n):
+    """n indices, real and fake alternating, evenly spread over each class (deterministic)."""
+    labels = np.asarray(labels)
+    picks = []
+    for k, want in ((0, n - n // 2), (1, n // 2)):
+        idx = np.flatnonzero(labels == k)
+        m = min(want, len(idx))
+        picks.append(idx[np.linspace(0, len(idx) - 1, m).round().astype(int)] if m else [])
+    return [int(i) for pair in zip_longest(*picks) for i in pair if i is not None]
+
+
+def explain(model, images, device):
+    """Grad-CAM of the fake logit on the stage-3 features and, when the model has the layer,
+    the mean attention each stage-2 position receives; upsampled, each scaled to [0, 1]."""
+    model.eval()
+    if model.attention is not None:
+        model.attention.keep_map = True
+    feats = model.features(to_model_input(images).to(device))
+    feats.retain_grad()
+    logits = model.head(feats.mean((2, 3)))
+    # Eval-mode batch norm keeps images independent, so one backward serves the batch.
+    logits[:, 1].sum().backward()
+    cam = F.relu((feats.grad.mean((2, 3), keepdim=True) * feats).sum(1, keepdim=True))
+    maps = {"Grad-CAM": cam.detach()}
+    if model.attention is not None:
+        received = model.attention.last_map.mean(1)  # average over queries: n x hw (keys)
+        side = math.isqrt(received.shape[1])
+        maps["attention"] = received.reshape(-1, 1, side, side)
+        model.attention.keep_map, model.attention.last_map = False, None
+    model.zero_grad(set_to_none=True)
+    scaled = {}
+    for name, m in maps.items():
+        m = F.interpolate(m, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        lo, hi = m.amin((2, 3), keepdim=True), m.amax((2, 3), keepdim=True)
+        scaled[name] = ((m - lo) / (hi - lo).clamp_min(1e-12)).squeeze(1).cpu().numpy()
+    return logits.detach().softmax(1)[:, 1].cpu(), scaled
+
+
+# ---------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), suffix=".png")
+    _plt().close(fig)
+
+
+def plot_confusion(metrics, path):
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = _plt().subplots(figsize=(4, 3.6))
+    cm = np.array(metrics["confusion_matrix"]["matrix"])
+    ConfusionMatrixDisplay(cm, display_labels=CLASS_NAMES).plot(
+        ax=ax, colorbar=False, values_format="d"
+    )
+    ax.set_title(f"threshold {metrics['threshold']:.3f}, accuracy {metrics['accuracy']:.3f}")
+    save_figure(fig, path)
+
+
+def plot_roc(labels, prob, metrics, path):
+    from sklearn.metrics import RocCurveDisplay
+
+    fig, ax = _plt().subplots(figsize=(4.5, 4.2))
+    RocCurveDisplay.from_predictions(labels, prob, ax=ax, name="FaceCheckNet", pos_label=1)
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]["matrix"]
+    ax.plot(fp / (fp + tn), tp / (tp + fn), "ro", label=f"threshold {metrics['threshold']:.3f}")
+    ax.set(
+        xlabel="false-positive rate (real called fake)", ylabel="true-positive rate (fake caught)"
+    )
+    ax.legend(loc="lower right")
+    save_figure(fig, path)
+
+
+def plot_per_source(table, path):
+    fig, ax = _plt().subplots(figsize=(6, 0.45 * len(table) + 1.2))
+    colors = ["tab:blue" if t["label"] == "real" else "tab:red" for t in table]
+    ax.barh(
+        [f"{t['source']} ({t['label']}, n={t['n']})" for t in table],
+        [t["accuracy"] for t in table],
+        color=colors,
+    )
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1), xlabel="accuracy", title="accuracy per source")
+    save_figure(fig, path)
+
+
+def plot_robustness(results, path):
+    fig, ax = _plt().subplots(figsize=(7, 3.5))
+    x = np.arange(len(results))
+    ax.bar(x - 0.2, [r["accuracy"] for r in results], 0.4, label="accuracy")
+    ax.bar(x + 0.2, [r["roc_auc"] or 0 for r in results], 0.4, label="ROC-AUC")
+    ax.set_xticks(x, [r["condition"] for r in results])
+    ax.set(ylim=(0, 1.15), title="robustness (same images, both classes perturbed)")
+    ax.legend(loc="upper center", ncols=2)
+    save_figure(fig, path)
+
+
+def plot_heatmaps(images, labels, prob, maps, threshold, path):
+    n, names = len(images), ["image", *maps]
+    cols = min(n, 8)
+    blocks = math.ceil(n / cols)
+    plt = _plt()
+    fig, axes = plt.subplots(
+        blocks * len(names), cols, figsize=(1.9 * cols, 2.0 * blocks * len(names)), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        img = images[i].permute(1, 2, 0).numpy()
+        for j, name in enumerate(names):
+            ax = axes[(i // cols) * len(names) + j, i % cols]
+            ax.imshow(img)
+            if name == "image":
+                right = (prob[i] >= threshold) == (labels[i] == 1)
+                ax.set_title(
+                    f"{CLASS_NAMES[labels[i]]}, p(fake)={prob[i]:.2f}",
+                    fontsize=8,
+                    color="green" if right else "red",
+                )
+            else:
+                ax.imshow(maps[name][i], cmap="jet", alpha=0.45)
+                ax.set_title(name, fontsize=8)
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- runs and data
+def open_checkpoint(path):
+    """A .pt file or a run folder (its best.pt) -> (model, ckpt, .pt path); errors in one line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    try:
+        model, ckpt = load_checkpoint(path)
+    except CheckpointError as exc:
+        sys.exit(f"error: {exc}")
+    return model, ckpt, path
+
+
+def find_best_run(runs_dir):
+    """The best.pt under runs_dir with the lowest validation loss."""
+    best = None
+    for path in sorted(Path(runs_dir).glob("*/best.pt")):
+        try:
+            loss = float(
+                torch.load(path, map_location="cpu", weights_only=True)["val_metrics"]["loss"]
+            )
+        except Exception:
+            continue  # an unreadable or foreign file is not a candidate
+        if best is None or loss < best[0]:
+            best = (loss, path)
+    if best is None:
+        sys.exit(f"error: no run with a best.pt under {runs_dir}/; train one or pass --checkpoint")
+    return best[1]
+
+
+def resolve_data(ckpt, data):
+    """--data, else the folder the checkpoint was trained on, else data/faces."""
+    if data is None:
+        stored = ckpt.get("data")
+        data = stored if stored and (Path(stored) / "manifest.csv").is_file() else "data/faces"
+    if not (Path(data) / "manifest.csv").is_file():
+        sys.exit(f"error: no prepared dataset at {data} (manifest.csv missing); pass --data")
+    return Path(data)
+
+
+def check_manifest(ckpt, data_dir):
+    if ckpt.get("manifest_sha256") not in (None, manifest_hash(data_dir)):
+        print(
+            f"warning: {data_dir}/manifest.csv is not the one this model was trained with "
+            "(manifest_sha256 differs): its splits may overlap the training images",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def expand_runs(paths):
+    """Run folders, .pt files and folders of run folders -> list of .pt paths."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_file():
+            found.append(p)
+        elif (p / "best.pt").is_file():
+            found.append(p / "best.pt")
+        elif p.is_dir() and list(p.glob("*/best.pt")):
+            found += sorted(p.glob("*/best.pt"))
+        else:
+            sys.exit(f"error: {p}: no best.pt there or in its sub-folders")
+    return found
+
+
+def compare_runs(paths, data=None, device=None, batch_size=256):
+    """Evaluate runs on val and test -> {"runs": [...], "arms": {...}, "mcnemar": {...}}."""
+    device = device or torch.device("cpu")
+    cache, records, tests = {}, [], []
+    for path in tqdm(expand_runs(paths), desc="runs", leave=False):
+        model, ckpt, path = open_checkpoint(path)
+        data_dir = resolve_data(ckpt, data)
+        check_manifest(ckpt, data_dir)
+        history = path.parent / "history.csv"
+        record = {
+            "run": str(path.parent),
+            "data": str(data_dir),
+            "attention": "on" if ckpt["config"]["attention"] else "off",
+            "seed": ckpt.get("train_args", {}).get("seed"),
+            "params": ckpt.get("params") or count_parameters(model),
+            "flops": ckpt.get("flops") or count_flops(model),
+            "epochs": len(history.read_text().splitlines()) - 1 if history.is_file() else None,
+            "best_epoch": ckpt["epoch"],
+            "train_seconds": ckpt.get("train_seconds"),
+            "threshold": ckpt["threshold"],
+        }
+        for split in ("val", "test"):
+            key = (manifest_hash(data_dir), split, ckpt["image_size"])
+            if key not in cache:
+                cache[key] = load_split(data_dir, split, size=ckpt["image_size"])
+            images, labels, _ = cache[key]
+            prob, logits = predict(model.to(device), images, device, batch_size)
+            m = compute_metrics(labels, prob, ckpt["threshold"])
+            record[f"{split}_loss"] = F.cross_entropy(logits, labels).item()
+            record[f"{split}_accuracy"] = m["accuracy"]
+            record[f"{split}_f1"] = m["macro"]["f1"]
+            record[f"{split}_auc"] = m["roc_auc"]
+        records.append(record)
+        # Per-image correctness on test (the loop's last split) for McNemar, keyed by test set.
+        tests.append((key, ((prob >= ckpt["threshold"]).long() == labels).numpy()))
+
+    arms = {}
+    for arm in ("off", "on"):
+        rs = [r for r in records if r["attention"] == arm]
+        if not rs:
+            continue
+        arms[arm] = {"n_runs": len(rs), "seeds": [r["seed"] for r in rs]}
+        arms[arm].update(params=rs[0]["params"], flops=rs[0]["flops"])
+        for k in ("val_loss", "val_accuracy", "val_f1", "test_accuracy", "test_f1", "test_auc"):
+            v = np.array([r[k] for r in rs if r[k] is not None], dtype=float)
+            if len(v):  # the sample std (ddof 1); none from a single run
+                arms[arm][k] = {
+                    "mean": float(v.mean()),
+                    "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+                }
+
+    # Pair each "on" run with an unused "off" run of the same seed and the same test images.
+    pairs, free = [], [j for j, r in enumerate(records) if r["attention"] == "off"]
+    for i, on in enumerate(records):
+        match = [j for j in free if records[j]["seed"] == on["seed"] and tests[j][0] == tests[i][0]]
+        if on["attention"] != "on" or not match:
+            continue
+        free.remove(match[0])
+        a, o = tests[i][1], tests[match[0]][1]
+        b, c = int((a & ~o).sum()), int((~a & o).sum())
+        pair = {"seed": on["seed"], "on": on["run"], "off": records[match[0]]["run"], "n": len(a)}
+        pairs.append({**pair, "b": b, "c": c, "p_value": mcnemar_exact(b, c)})
+    b, c = sum(p["b"] for p in pairs), sum(p["c"] for p in pairs)
+    mcnemar = {
+        "test": "exact two-sided McNemar: scipy.stats.binomtest(b, b + c, 0.5); b = test images "
+        "only the attention-on run gets right, c = only the attention-off run",
+        "pairs": pairs,
+        # The pooled count reuses the same test images for every seed: not independent trials,
+        # so its p-value is indicative only.
+        "pooled": {"b": b, "c": c, "p_value": mcnemar_exact(b, c)} if pairs else None,
+    }
+    return {"runs": records, "arms": arms, "mcnemar": mcnemar}
+
+
+def _f(x, digits=4):
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def table(header, rows):
+    """A markdown table: readable in a terminal, pastes into the README as is."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def compare_markdown(result):
+    header = ["run", "attention", "seed", "params", "MFLOPs", "epochs (best)", "val loss"]
+    header += ["val acc", "test acc", "test F1", "test AUC"]
+    rows = []
+    for r in result["runs"]:
+        cells = [Path(r["run"]).name, r["attention"], r["seed"], f"{r['params']:,}"]
+        cells += [f"{r['flops'] / 1e6:.0f}", f"{r['epochs']} ({r['best_epoch']})"]
+        keys = ("val_loss", "val_accuracy", "test_accuracy", "test_f1", "test_auc")
+        rows.append(cells + [_f(r[k]) for k in keys])
+    text = table(header, rows)
+    if any(a["n_runs"] > 1 for a in result["arms"].values()):
+        keys = ("val_loss", "val_accuracy", "test_accuracy", "test_f1", "test_auc")
+        rows = [
+            [arm, a["n_runs"]]
+            + [f"{_f(a[k]['mean'])} ± {_f(a[k]['std'])}" if k in a else "n/a" for k in keys]
+            for arm, a in result["arms"].items()
+        ]
+        text += "\n\nmean ± std per arm\n\n" + table(["attention", "runs", *keys], rows)
+    mc = result["mcnemar"]
+    if mc["pairs"]:
+        rows = [[p["seed"], p["n"], p["b"], p["c"], f"{p['p_value']:.4g}"] for p in mc["pairs"]]
+        rows.append(
+            ["pooled", "", mc["pooled"]["b"], mc["pooled"]["c"], f"{mc['pooled']['p_value']:.4g}"]
+        )
+        text += "\n\nMcNemar exact test, test split (b: only attention on right, c: only off right)"
+        text += "\n\n" + table(["seed", "n", "b", "c", "p"], rows)
+    return text
+
+
+def write_json(path, obj):
+    text = json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- main
+def print_report(m, sources):
+    print(
+        f"threshold {m['threshold']:.4f} (stored in the checkpoint; train.py picks it on validation); "
+        f"fake is the positive class\naccuracy {m['accuracy']:.4f} (at 0.5: {m['accuracy_at_0.5']:.4f}), "
+        f"balanced accuracy {m['balanced_accuracy']:.4f}, ROC-AUC {_f(m['roc_auc'])}, "
+        f"average precision {_f(m['average_precision'])}\nTPR at 1% FPR {_f(m['tpr_at_fpr_1pct'])}, "
+        f"at 5% FPR {_f(m['tpr_at_fpr_5pct'])}\n"
+    )
+    classes = [*m["per_class"].items(), ("macro", {**m["macro"], "support": m["n"]})]
+    rows = [
+        [n, *(_f(c[k]) for k in ("precision", "recall", "f1")), c["support"]] for n, c in classes
+    ]
+    print(table(["class", "precision", "recall", "F1", "support"], rows) + "\n")
+    cm = m["confusion_matrix"]["matrix"]
+    rows = [[f"true {n}", *row] for n, row in zip(CLASS_NAMES, cm)]
+    print(table(["", *(f"predicted {n}" for n in CLASS_NAMES)], rows) + "\n")
+    rows = [
+        [s["source"], s["label"], s["n"], _f(s["accuracy"]), _f(s["mean_prob_fake"])]
+        for s in sources
+    ]
+    print(
+        "per source (shortcut audit)\n\n"
+        + table(["source", "label", "n", "accuracy", "mean prob_fake"], rows)
+    )
+
+
+def evaluate_split(args, device):
+    model, ckpt, ckpt_path = open_checkpoint(args.checkpoint or find_best_run(args.runs))
+    if args.checkpoint is None:
+        print(f"checkpoint: {ckpt_path} (lowest validation loss under {args.runs}/)")
+    data_dir = resolve_data(ckpt, args.data)
+    manifest_ok = check_manifest(ckpt, data_dir)
+    images, labels, rows = load_split(data_dir, args.split, size=ckpt["image_size"], progress=True)
+    threshold = float(ckpt["threshold"])
+    prob, _ = predict(model.to(device), images, device, args.batch_size)
+    metrics = compute_metrics(labels, prob, threshold)
+    sources = per_source_table(rows, prob, threshold)
+    attention = "on" if ckpt["config"]["attention"] else "off"
+    print(
+        f"{ckpt_path} (attention {attention}, epoch {ckpt['epoch']}) on {data_dir} {args.split}: "
+        f"{len(rows)} images ({int((labels == 0).sum())} real, {int((labels == 1).sum())} fake)"
+    )
+    print_report(metrics, sources)
+
+    out = Path(args.out or ckpt_path.parent / f"eval-{args.split}")
+    report = {"checkpoint": str(ckpt_path), "data": str(data_dir), "split": args.split}
+    report.update(attention=attention, epoch=ckpt["epoch"], manifest_matches=manifest_ok)
+    report.update(metrics=metrics, per_source=sources)
+    preds = [
+        {
+            "path": r["path"],
+            "source": r["source"],
+            "label": r["label"],
+            "prob_fake": f"{p:.6f}",
+            "pred": CLASS_NAMES[int(p >= threshold)],
+        }
+        for r, p in zip(rows, prob.tolist())
+    ]
+    write_csv(out / "predictions.csv", preds, ["path", "source", "label", "prob_fake", "pred"])
+    plot_confusion(metrics, out / "confusion_matrix.png")
+    if metrics["roc_auc"] is not None:
+        plot_roc(labels.numpy(), prob.numpy(), metrics, out / "roc.png")
+    else:
+        print("warning: the split holds one class only: no ROC-AUC, AP or roc.png", file=sys.stderr)
+    plot_per_source(sources, out / "per_source.png")
+    if args.robustness:
+        report["robustness"] = robustness(model, images, labels, threshold, device, args.batch_size)
+        cells = [
+            [r["condition"], _f(r["accuracy"]), _f(r["roc_auc"])] for r in report["robustness"]
+        ]
+        print("\nrobustness\n\n" + table(["condition", "accuracy", "ROC-AUC"], cells))
+        plot_robustness(report["robustness"], out / "robustness.png")
+    if args.heatmaps > 0:
+        idx = pick_examples(labels, args.heatmaps)
+        hm_prob, maps = explain(model, images[idx], device)
+        hm_labels = labels[idx].tolist()
+        plot_heatmaps(
+            images[idx], hm_labels, hm_prob.tolist(), maps, threshold, out / "heatmaps.png"
+        )
+        report["heatmaps"] = [rows[i]["path"] for i in idx]
+    write_json(out / "metrics.json", report)
+    if args.json:
+        write_json(args.json, report)
+    print(f"\nsaved metrics.json, predictions.csv and plots to {out}/")
+    return report
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if not args.compare:
+        return evaluate_split(args, device)
+    result = compare_runs(args.compare, args.data, device, args.batch_size)
+    out = Path(args.out or "runs/compare")
+    text = compare_markdown(result)
+    print(text)
+    write_json(out / "compare.json", result)
+    atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(text + "\n"))
+    if args.json:
+        write_json(args.json, result)
+    print(f"\nsaved {out / 'compare.json'} and {out / 'compare.md'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

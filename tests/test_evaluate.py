@@ -1,0 +1,277 @@
+"""evaluate.py: metrics on hand-made predictions, McNemar, perturbations, the per-source
+table, the comparison of the two tiny runs, and one-line errors on bad input."""
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+
+
+# ---------------------------------------------------------------- pure functions
+def test_metrics_on_hand_made_predictions():
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    prob = [0.1, 0.2, 0.6, 0.3, 0.8, 0.4, 0.9, 0.7]
+    m = evaluate.compute_metrics(labels, prob, threshold=0.5)
+    # One false positive (0.6), one false negative (0.4).
+    assert m["confusion_matrix"]["matrix"] == [[3, 1], [1, 3]]
+    assert m["confusion_matrix"]["labels"] == ["real", "fake"]
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["balanced_accuracy"] == pytest.approx(0.75)
+    for name in ("real", "fake"):
+        c = m["per_class"][name]
+        assert (c["precision"], c["recall"], c["f1"], c["support"]) == pytest.approx(
+            (0.75, 0.75, 0.75, 4)
+        )
+    assert m["macro"]["f1"] == pytest.approx(0.75)
+    # 15 of the 16 (fake, real) pairs are ranked right: only 0.4 < 0.6.
+    assert m["roc_auc"] == pytest.approx(15 / 16)
+    # Ranked: P P P N P ... -> AP = (1 + 1 + 1 + 4/5) / 4.
+    assert m["average_precision"] == pytest.approx(0.95)
+    # No false positive is allowed below 12.5 % FPR: the three top fakes only.
+    assert m["tpr_at_fpr_1pct"] == pytest.approx(0.75)
+    assert m["tpr_at_fpr_5pct"] == pytest.approx(0.75)
+    assert m["threshold"] == 0.5 and m["accuracy_at_0.5"] == pytest.approx(0.75)
+    # The threshold in use moves the decisions, not the ranking metrics.
+    lower = evaluate.compute_metrics(labels, prob, threshold=0.35)
+    assert lower["accuracy"] == pytest.approx(7 / 8) and lower["accuracy_at_0.5"] == pytest.approx(
+        0.75
+    )
+    assert lower["roc_auc"] == m["roc_auc"]
+
+
+def test_metrics_imbalanced_and_one_class():
+    labels = [0, 0, 0, 0, 0, 0, 1, 1]
+    prob = [0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.1]
+    m = evaluate.compute_metrics(labels, prob, threshold=0.5)
+    assert m["confusion_matrix"]["matrix"] == [[5, 1], [1, 1]]
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["balanced_accuracy"] == pytest.approx((5 / 6 + 1 / 2) / 2)
+    assert m["per_class"]["fake"]["precision"] == pytest.approx(0.5)
+    # A split with one class: decisions are scored, ranking metrics are undefined (None).
+    one = evaluate.compute_metrics([0, 0, 0], [0.1, 0.7, 0.2], threshold=0.5)
+    assert one["accuracy"] == pytest.approx(2 / 3) and one["roc_auc"] is None
+    json.dumps(one)  # JSON-ready
+
+
+def test_mcnemar_exact_known_values():
+    # b = 10, c = 2: p = 2 * P(X <= 2), X ~ Binomial(12, 1/2) = 2 * (1 + 12 + 66) / 4096.
+    assert evaluate.mcnemar_exact(10, 2) == pytest.approx(158 / 4096)
+    assert evaluate.mcnemar_exact(2, 10) == pytest.approx(158 / 4096)
+    assert evaluate.mcnemar_exact(5, 5) == pytest.approx(1.0)
+    assert evaluate.mcnemar_exact(0, 0) == 1.0
+    assert evaluate.mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+
+
+def test_perturbations_keep_shape_dtype_and_change_pixels():
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.linspace(40, 200, 32).view(1, 1, 1, 32).expand(4, 3, 32, 32)
+    images = (smooth + torch.randint(-30, 30, (4, 3, 32, 32), generator=g)).clamp(0, 255)
+    images = images.to(torch.uint8)
+    diffs = {}
+    for name, fn in evaluate.PERTURBATIONS.items():
+        out = fn(images)
+        assert out.shape == images.shape and out.dtype == torch.uint8, name
+        diffs[name] = (out.float() - images.float()).abs().mean().item()
+        assert diffs[name] > 0.5, name
+    assert diffs["jpeg50"] > diffs["jpeg95"]  # lower quality, larger change
+    assert set(evaluate.PERTURBATIONS) == {"jpeg95", "jpeg75", "jpeg50", "downscale0.5", "blur1"}
+
+
+def test_per_source_table_adds_up():
+    rows = [{"source": s, "label": lab} for s, lab in
+            [("ffhq", "real")] * 3 + [("lfw", "real")] * 2 + [("gan", "fake")] * 4]  # fmt: skip
+    prob = [0.1, 0.2, 0.9, 0.3, 0.4, 0.8, 0.7, 0.6, 0.2]
+    table = evaluate.per_source_table(rows, prob, threshold=0.5)
+    assert [t["source"] for t in table] == ["ffhq", "lfw", "gan"]  # real sources first
+    assert sum(t["n"] for t in table) == len(rows)
+    ffhq, lfw, gan = table
+    assert ffhq["accuracy"] == pytest.approx(2 / 3) and lfw["accuracy"] == 1.0
+    assert gan["accuracy"] == pytest.approx(0.75)
+    assert gan["mean_prob_fake"] == pytest.approx((0.8 + 0.7 + 0.6 + 0.2) / 4)
+
+
+def test_pick_examples_mixes_classes_deterministically():
+    labels = [0] * 10 + [1] * 5
+    idx = evaluate.pick_examples(labels, 6)
+    assert idx == evaluate.pick_examples(labels, 6) and len(set(idx)) == 6
+    assert [labels[i] for i in idx] == [0, 1, 0, 1, 0, 1]
+    assert len(evaluate.pick_examples([0, 0, 1], 8)) == 3  # never more than there are
+
+
+# ---------------------------------------------------------------- on the tiny runs
+def test_evaluate_run_writes_everything(tiny_runs, prepared, tmp_path, capsys):
+    out = tmp_path / "eval"
+    report = evaluate.main([
+        "--checkpoint", str(tiny_runs["on"]), "--data", str(prepared), "--out", str(out),
+        "--robustness", "--heatmaps", "4", "--device", "cpu", "--json", str(tmp_path / "m.json"),
+    ])  # fmt: skip
+    for name in ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png",
+                 "per_source.png", "robustness.png", "heatmaps.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left none
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads((tmp_path / "m.json").read_text())
+    ckpt = torch.load(tiny_runs["on"] / "best.pt", weights_only=True)
+    m = saved["metrics"]
+    assert m["threshold"] == pytest.approx(ckpt["threshold"]) and saved["manifest_matches"]
+    with open(prepared / "manifest.csv") as f:
+        test_rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    with open(out / "predictions.csv") as f:
+        preds = list(csv.DictReader(f))
+    assert list(preds[0]) == ["path", "source", "label", "prob_fake", "pred"]
+    assert len(preds) == len(test_rows) == m["n"]
+    assert sum(map(sum, m["confusion_matrix"]["matrix"])) == len(test_rows)
+    # Per-source rows add up to the split, source by source.
+    counts = {}
+    for r in test_rows:
+        counts[r["source"]] = counts.get(r["source"], 0) + 1
+    assert {s["source"]: s["n"] for s in saved["per_source"]} == counts
+    # predictions.csv agrees with the reported accuracy at the stored threshold.
+    correct = [p["pred"] == p["label"] for p in preds]
+    assert np.mean(correct) == pytest.approx(m["accuracy"])
+    assert [r["condition"] for r in saved["robustness"]] == ["clean", *evaluate.PERTURBATIONS]
+    assert saved["robustness"][0]["accuracy"] == pytest.approx(m["accuracy"])
+    assert len(saved["heatmaps"]) == 4
+    text = capsys.readouterr().out
+    assert "predicted fake" in text and "shortcut audit" in text and "jpeg50" in text
+    assert report["metrics"] == m
+
+
+def test_explain_maps_are_normalised(tiny_runs, prepared):
+    from common import load_split
+    from model import load_checkpoint
+
+    images, labels, _ = load_split(prepared, "test")
+    for arm, names in (("on", {"Grad-CAM", "attention"}), ("off", {"Grad-CAM"})):
+        model, _ = load_checkpoint(tiny_runs[arm] / "best.pt")
+        prob, maps = evaluate.explain(model, images[:3], torch.device("cpu"))
+        assert set(maps) == names and prob.shape == (3,)
+        for m in maps.values():
+            assert m.shape == (3, *images.shape[-2:]) and m.min() >= 0 and m.max() <= 1
+        assert all(p.grad is None for p in model.parameters())  # no gradients left behind
+
+
+def test_compare_tiny_runs(tiny_runs, prepared, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    evaluate.main([
+        "--compare", str(tiny_runs["off"]), str(tiny_runs["on"]), "--out", str(out),
+        "--device", "cpu",
+    ])  # fmt: skip
+    result = json.loads((out / "compare.json").read_text())
+    assert (out / "compare.md").read_text().startswith("| run | attention |")
+    runs = {r["attention"]: r for r in result["runs"]}
+    assert set(runs) == {"on", "off"}
+    for r in runs.values():
+        for key in ("seed", "params", "flops", "epochs", "train_seconds", "val_loss",
+                    "val_accuracy", "val_f1", "test_accuracy", "test_f1", "test_auc"):  # fmt: skip
+            assert r[key] is not None, key
+        assert r["epochs"] == 2 and r["seed"] == 0
+    assert runs["on"]["params"] > runs["off"]["params"]  # the attention layer costs parameters
+    assert runs["on"]["flops"] > runs["off"]["flops"]
+    (pair,) = result["mcnemar"]["pairs"]
+    assert pair["seed"] == 0 and pair["b"] + pair["c"] <= pair["n"]
+    assert pair["p_value"] == pytest.approx(evaluate.mcnemar_exact(pair["b"], pair["c"]))
+    assert result["mcnemar"]["pooled"]["b"] == pair["b"]
+    # test_accuracy matches a single-run evaluation of the same checkpoint.
+    single = evaluate.main([
+        "--checkpoint", str(tiny_runs["off"]), "--data", str(prepared), "--out", str(tmp_path / "e"),
+        "--device", "cpu",
+    ])  # fmt: skip
+    assert runs["off"]["test_accuracy"] == pytest.approx(single["metrics"]["accuracy"])
+    assert "McNemar" in capsys.readouterr().out
+    # A folder holding several runs is expanded; one run per arm gives no mean +- std table.
+    parent = tmp_path / "runs"
+    for arm, seed in (("on", 0), ("off", 0), ("on", 1)):
+        shutil.copytree(tiny_runs[arm], parent / f"{arm}-s{seed}")
+    three = evaluate.compare_runs([parent], data=str(prepared))
+    assert len(three["runs"]) == 3 and three["arms"]["on"]["n_runs"] == 2
+    assert len(three["mcnemar"]["pairs"]) == 1  # one "off" run to pair with
+    assert "± " in evaluate.compare_markdown(three)
+
+
+def test_default_checkpoint_is_lowest_val_loss(tiny_runs, tmp_path):
+    runs = tmp_path / "runs"
+    for arm in ("on", "off"):
+        shutil.copytree(tiny_runs[arm], runs / arm)
+    losses = {arm: torch.load(runs / arm / "best.pt", weights_only=True)["val_metrics"]["loss"]
+              for arm in ("on", "off")}  # fmt: skip
+    (runs / "broken").mkdir()
+    (runs / "broken" / "best.pt").write_bytes(b"not a checkpoint")
+    assert evaluate.find_best_run(runs) == runs / min(losses, key=losses.get) / "best.pt"
+
+
+# ---------------------------------------------------------------- bad input
+def one_line_error(argv):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(argv)
+    message = str(exc.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_missing_checkpoint_and_runs(tmp_path, prepared):
+    msg = one_line_error(["--checkpoint", str(tmp_path / "nope.pt"), "--data", str(prepared)])
+    assert "no such file" in msg
+    one_line_error(["--checkpoint", str(tmp_path / "no-run-dir"), "--data", str(prepared)])
+    assert "no run" in one_line_error(["--runs", str(tmp_path / "empty")])
+    one_line_error(["--compare", str(tmp_path / "nothing-here")])
+
+
+def test_missing_data_folder(tiny_runs, tmp_path):
+    msg = one_line_error(["--checkpoint", str(tiny_runs["off"]), "--data", str(tmp_path / "none")])
+    assert "manifest.csv" in msg
+
+
+class Payload:
+    """Unpickling this runs a shell command: a checkpoint must never be allowed to."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_payload_is_refused_not_run(tmp_path, prepared):
+    marker = tmp_path / "PWNED"
+    bad = tmp_path / "evil" / "best.pt"
+    bad.parent.mkdir()
+    torch.save({"format": "facecheck", "model": Payload(marker)}, bad)
+    assert "refused" in one_line_error(["--checkpoint", str(bad), "--data", str(prepared)])
+    one_line_error(["--compare", str(bad.parent)])
+    with pytest.raises(SystemExit):
+        evaluate.find_best_run(tmp_path)  # skipped as a candidate, not loaded with pickle
+    assert not marker.exists()
+
+
+def test_foreign_checkpoint(tmp_path, prepared):
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    assert "not a facecheck checkpoint" in one_line_error(
+        ["--checkpoint", str(other), "--data", str(prepared)]
+    )
+
+
+def test_empty_split(tiny_runs, prepared, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    lines = (data / "manifest.csv").read_text().splitlines(keepends=True)
+    (data / "manifest.csv").write_text("".join(x for x in lines if ",test," not in x))
+    msg = one_line_error(["--checkpoint", str(tiny_runs["off"]), "--data", str(data)])
+    assert "no images" in msg
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--checkpoint", "--runs", "--data", "--split", "--out", "--json", "--device",
+                 "--batch-size", "--robustness", "--heatmaps", "--compare"):  # fmt: skip
+        assert flag in text

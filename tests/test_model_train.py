@@ -1,0 +1,184 @@
+"""model.py and train.py: shapes, budget, attention, losses, early stopping, checkpoints,
+resume and the refusal of pickle payloads."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT
+
+import train
+from model import CheckpointError, FaceCheckNet, count_flops, count_parameters, load_checkpoint
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_output_shapes(attention):
+    model = FaceCheckNet({"attention": attention}).eval()
+    for n in (1, 3):
+        assert model(torch.rand(n, 3, 128, 128)).shape == (n, 2)
+
+
+def test_parameter_budget_and_the_only_difference_is_the_attention_layer():
+    on, off = FaceCheckNet({"attention": True}), FaceCheckNet({"attention": False})
+    assert count_parameters(on) <= 1_000_000 and count_parameters(off) <= 1_000_000
+    assert off.attention is None
+    assert count_parameters(on) - count_parameters(off) == count_parameters(on.attention)
+    names_off = set(off.state_dict())
+    assert {k for k in on.state_dict() if not k.startswith("attention.")} == names_off
+    assert count_flops(on) > count_flops(off) > 0
+
+
+def test_attention_rows_sum_to_one_and_start_as_identity():
+    model = FaceCheckNet({"attention": True}).eval()
+    torch.nn.init.normal_(model.attention.query.weight)
+    model.attention.keep_map = True
+    x = torch.rand(2, 3, 128, 128)
+    model(x)
+    attn = model.attention.last_map
+    assert attn.shape == (2, 256, 256)
+    assert torch.allclose(attn.sum(-1), torch.ones(2, 256), atol=1e-5)
+    # gamma starts at 0: the layer is the identity until training moves it.
+    plain = FaceCheckNet({"attention": False}).eval()
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("attention.")}
+    )
+    assert torch.allclose(model(x), plain(x), atol=1e-6)
+
+
+def test_focal_loss_with_gamma_zero_is_weighted_cross_entropy():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(32, 2), torch.randint(0, 2, (32,))
+    weight = torch.tensor([0.7, 1.9])
+    expected = F.cross_entropy(logits, targets, weight=weight)
+    assert torch.allclose(train.focal_loss(logits, targets, weight, gamma=0.0), expected, atol=1e-6)
+    # gamma > 0 down-weights easy examples: the loss can only shrink.
+    assert train.focal_loss(logits, targets, weight, gamma=2.0) < expected
+
+
+def test_class_weights_balance_the_classes():
+    labels = torch.tensor([0, 0, 0, 1])
+    w = train.class_weights(labels)
+    assert torch.allclose(w, torch.tensor([4 / 6, 4 / 2]))
+    assert torch.isclose((w[labels]).sum() / 2, w[0] * 3)  # each class carries half the total
+    with pytest.raises(SystemExit):
+        train.class_weights(torch.tensor([0, 0]))
+
+
+def test_source_balanced_weights_equalise_sources_within_a_class():
+    rows = [{"label": "real", "source": "big"}] * 9 + [{"label": "real", "source": "small"}] * 1
+    rows += [{"label": "fake", "source": "gan"}] * 5
+    w = train.source_balanced_weights(rows)
+    assert torch.isclose(w[:9].sum(), w[9:10].sum())
+    assert torch.isclose(w[:10].sum(), torch.tensor(10.0, dtype=w.dtype))  # class totals kept
+
+
+def test_early_stopping_fires_on_a_plateau():
+    stopper = train.EarlyStopping(patience=3)
+    assert [stopper.step(v) for v in [1.0, 0.8, 0.7]] == [False] * 3
+    assert [stopper.step(v) for v in [0.7, 0.75, 0.71]] == [False, False, True]
+    assert stopper.best == 0.7
+
+
+def read_history(run):
+    with open(run / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_epochs_lower_the_training_loss(tiny_runs):
+    for run in tiny_runs.values():
+        history = read_history(run)
+        assert [int(h["epoch"]) for h in history] == [1, 2]
+        assert float(history[1]["train_loss"]) < float(history[0]["train_loss"])
+        assert (run / "curves.png").stat().st_size > 0
+
+
+def test_checkpoint_round_trip_rebuilds_an_identical_model(tiny_runs, prepared):
+    from common import manifest_hash
+
+    for attention, run in tiny_runs.items():
+        model, ckpt = load_checkpoint(run / "best.pt")
+        raw = torch.load(run / "best.pt", weights_only=True)
+        assert ckpt["config"]["attention"] == (attention == "on")
+        assert ckpt["manifest_sha256"] == manifest_hash(prepared)
+        assert 0.0 < ckpt["threshold"] < 1.0 and ckpt["class_names"] == ["real", "fake"]
+        for key in ("image_size", "epoch", "val_metrics", "git_commit", "params", "flops"):
+            assert key in ckpt
+        rebuilt = FaceCheckNet(raw["config"]).eval()
+        rebuilt.load_state_dict(raw["model"])
+        x = torch.rand(4, 3, 32, 32)
+        assert torch.equal(model(x), rebuilt(x))
+
+
+def payload_checkpoint(path, marker):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": "facecheck", "model": Payload()}, path)
+
+
+def test_bad_checkpoints_are_refused(tmp_path, tiny_runs):
+    marker = tmp_path / "payload-ran"
+    payload_checkpoint(tmp_path / "evil.pt", marker)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a facecheck checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    ckpt = torch.load(tiny_runs["off"] / "best.pt", weights_only=True)
+    ckpt["config"]["widths"] = [8, 8, 8, 8]
+    torch.save(ckpt, tmp_path / "wrong-shape.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(tmp_path / "wrong-shape.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint at all")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "garbage.pt")
+
+
+def test_train_resume_refuses_a_pickle_payload(tmp_path):
+    marker = tmp_path / "payload-ran"
+    payload_checkpoint(tmp_path / "evil.pt", marker)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(tmp_path / "evil.pt")],
+                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert result.returncode != 0 and "refused" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
+    common = ["--data", str(prepared), "--epochs", "3", "--batch-size", "16", "--workers", "0",
+              "--seed", "3", "--attention", "on", "--patience", "10"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "train.py")]
+    subprocess.run(
+        [*cmd, *common, "--out", str(tmp_path / "straight")],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, *common, "--out", str(run)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not (run / "history.csv").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(read_history(run))
+    assert 1 <= done <= 3
+    result = subprocess.run(
+        [*cmd, "--resume", str(run / "last.pt")], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert [int(h["epoch"]) for h in read_history(run)] == [1, 2, 3]
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    b = torch.load(run / "last.pt", weights_only=True)["model"]
+    for key in a:  # deterministic on CPU: the resumed run ends exactly where the straight one does
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
