@@ -29,6 +29,7 @@ from common import to_model_input
 DEFAULT_CONFIG = {
     "image_size": 128,
     "widths": (24, 48, 96, 192),
+    "stem_stride": 2,
     "attention": True,
     "attention_key_channels": 16,
     "dropout": 0.3,
@@ -39,9 +40,9 @@ DEFAULT_CONFIG = {
 }
 
 
-def conv_bn_act(cin, cout, stride=1):
+def conv_bn_act(cin, cout, stride=1, kernel=3):
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
         nn.BatchNorm2d(cout),
         nn.SiLU(inplace=True),
     )
@@ -89,10 +90,12 @@ class FaceCheckNet(nn.Module):
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1))
         self.highpass = cfg["highpass"]
         cin = 6 if self.highpass else 3
-        self.stem = conv_bn_act(cin, w0, stride=2)
+        # Stride 4 (5x5 kernel) lets a 256 px input cost what a 128 px one does with stride 2.
+        stem_stride = cfg["stem_stride"]
+        self.stem = conv_bn_act(cin, w0, stride=stem_stride, kernel=3 if stem_stride == 2 else 5)
         self.stage1 = nn.Sequential(conv_bn_act(w0, w1, 2), conv_bn_act(w1, w1))
         self.stage2 = nn.Sequential(conv_bn_act(w1, w2, 2), conv_bn_act(w2, w2))
-        side = cfg["image_size"] // 8
+        side = cfg["image_size"] // (stem_stride * 4)
         self.attention = (
             SpatialSelfAttention(w2, cfg["attention_key_channels"], side, side)
             if cfg["attention"]

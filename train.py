@@ -115,6 +115,13 @@ def parse_args(argv=None):
         help="multiply the model's channel widths (default 1)",
     )
     p.add_argument(
+        "--stem-stride",
+        type=int,
+        choices=[2, 4],
+        default=2,
+        help="stride of the first conv: 2 for 128 px data, 4 to run 256 px data at 128 px cost",
+    )
+    p.add_argument(
         "--no-highpass",
         action="store_true",
         help="drop the fixed high-pass input residual",
@@ -329,6 +336,7 @@ def main(argv=None):
         "attention": args.attention == "on",
         "widths": tuple(max(8, round(w * args.width)) for w in DEFAULT_CONFIG["widths"]),
         "highpass": not args.no_highpass,
+        "stem_stride": args.stem_stride,
     }
     model = FaceCheckNet(config).to(device)
     if device.type == "cuda":

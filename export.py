@@ -1,0 +1,484 @@
+"""Export a trained checkpoint for deployment: an FP32 ONNX model, and optionally an INT8
+(Q/DQ) ONNX model, an FP16 ONNX model and a TensorRT engine.
+
+    python export.py --checkpoint runs/attention-off/best.pt --out models/facecheck.onnx
+    python export.py --checkpoint ... --int8 --calib-data data/faces   # + models/facecheck.int8.onnx
+    python export.py --checkpoint ... --fp16                           # + models/facecheck.fp16.onnx
+    python export.py --checkpoint ... --tensorrt --fp16                # + models/facecheck.fp16.engine
+
+The ONNX model (opset 17, so that TensorRT 8.6 on JetPack 5 parses it)
+    input     `input`      float32 N x 3 x S x S, RGB in [0, 1], N dynamic. Make it with
+                           common.load_image (EXIF rotation, any mode -> RGB, centred square crop,
+                           antialiased bicubic resize to S x S) and common.to_model_input; the
+                           mean/std normalisation is inside the graph.
+    outputs   `logits`     float32 N x 2 (index 0 real, 1 fake)
+              `prob_fake`  float32 N, softmax(logits)[:, 1]; "fake" when prob_fake >= threshold
+    metadata  image_size, class_names, threshold, attention, manifest_sha256, preprocessing, ...
+              (metadata_props; infer.py reads them, so the .onnx file is all it needs)
+The file is written only after onnx.checker (full_check) passes and ONNX Runtime agrees with
+PyTorch to 1e-4 in probability. Nodes of the attention block are named attention/<Op>_<k> so
+that precision rules (FP16 ONNX, INT8 exclusions, TensorRT constraints) can find them.
+
+TensorRT on a Jetson with trtexec (S = 128, batch profile 1..64; a .engine only runs on the GPU
+and TensorRT version that built it, so build it there):
+  shapes="--minShapes=input:1x3x128x128 --optShapes=input:32x3x128x128 --maxShapes=input:64x3x128x128"
+  FP32:   trtexec --onnx=models/facecheck.onnx --saveEngine=models/facecheck.engine $shapes
+  FP16, TensorRT 8.6 / 10.x (builder flag; attention pinned to FP32 by layer name, as the parser
+  names layers after ONNX nodes; attention-on models only, check names with --dumpLayerInfo):
+          attn=attention/MatMul_0:fp32,attention/Mul_0:fp32,attention/Softmax_0:fp32,attention/MatMul_1:fp32
+          trtexec --onnx=models/facecheck.onnx --saveEngine=models/facecheck.fp16.engine $shapes \\
+              --fp16 --precisionConstraints=obey --layerPrecisions=$attn --layerOutputTypes=$attn
+  FP16, TensorRT 10.x strongly typed or 11.x (precision comes from the FP16 ONNX; on 11.x
+  strong typing is always on, drop --stronglyTyped):
+          trtexec --onnx=models/facecheck.fp16.onnx --saveEngine=models/facecheck.fp16.engine $shapes --stronglyTyped
+  INT8 from the Q/DQ model (attention is not quantised, so it stays FP32; 11.x: drop --int8):
+          trtexec --onnx=models/facecheck.int8.onnx --saveEngine=models/facecheck.int8.engine $shapes --int8
+infer.py reads an engine's metadata from <engine>.json (written by --tensorrt) or, failing
+that, from models/facecheck.onnx next to it.
+"""
+
+import argparse
+import ast
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from common import (
+    CLASS_NAMES,
+    atomic_write,
+    load_image,
+    manifest_hash,
+    read_manifest,
+    to_model_input,
+)
+from model import CheckpointError, load_checkpoint
+
+PARITY_TOLERANCE = 1e-4
+FP16_TOLERANCE = 1e-2  # FP16 carries ~3 significant digits; NaN or worse means overflow
+PREPROCESSING = (
+    "common.load_image: decode (EXIF orientation applied; any mode -> 8-bit RGB, alpha "
+    "composited on white), centred square crop of side min(H, W), antialiased bicubic resize "
+    "to image_size x image_size; then float32 = uint8 / 255, NCHW. Mean/std normalisation is "
+    "inside the model."
+)
+
+
+class ExportError(Exception):
+    """A failed check; str(exc) is the one-line reason."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    # fmt: off
+    p.add_argument("--checkpoint", required=True, help="a best.pt written by train.py")
+    p.add_argument("--out", default="models/facecheck.onnx", help="FP32 ONNX path (default %(default)s)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset >= 17 (default 17: TensorRT 8.6 parses up to 17)")
+    p.add_argument("--int8", action="store_true", help="also write <out>.int8.onnx, statically Q/DQ-quantised (needs --calib-data)")
+    p.add_argument("--calib-data", metavar="DATA_DIR", help="prepared dataset: its train split calibrates INT8, its val split measures the accuracy change")
+    p.add_argument("--calib-count", type=int, default=256, help="training images for INT8 calibration (default 256)")
+    p.add_argument("--fp16", action="store_true", help="also write <out>.fp16.onnx (attention kept FP32); with --tensorrt, build an FP16 engine")
+    p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (FP32, or --fp16 / --int8); needs tensorrt and a CUDA GPU")
+    p.add_argument("--engine", help="engine path (default: <out> with .engine, .fp16.engine or .int8.engine)")
+    p.add_argument("--max-batch", type=int, default=64, help="largest batch the engine accepts (default 64)")
+    # fmt: on
+    args = p.parse_args(argv)
+    if args.opset < 17:
+        p.error("--opset must be >= 17")
+    if args.int8 and not (args.calib_data and (Path(args.calib_data) / "manifest.csv").is_file()):
+        p.error("--int8 needs --calib-data DATA_DIR, a dataset made by prepare_data.py")
+    if args.tensorrt and args.fp16 and args.int8:
+        p.error("--tensorrt builds one engine: choose --fp16 or --int8")
+    return args
+
+
+class WithProbability(torch.nn.Module):
+    """The model plus its fake probability, so ONNX users need no softmax of their own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        logits = self.model(x)
+        return logits, torch.softmax(logits, dim=1)[:, 1]
+
+
+def is_attention(node):
+    return node.name.startswith("attention/")
+
+
+def metadata_from_checkpoint(ckpt):
+    return {
+        "format": "facecheck",
+        "image_size": ckpt["image_size"],
+        "class_names": list(ckpt.get("class_names", CLASS_NAMES)),
+        "threshold": ckpt["threshold"],
+        "attention": bool(ckpt["config"]["attention"]),
+        "manifest_sha256": ckpt.get("manifest_sha256", ""),
+        "epoch": ckpt.get("epoch", ""),
+        "git_commit": ckpt.get("git_commit", ""),
+        "val_metrics": ckpt.get("val_metrics", {}),
+    }
+
+
+def set_metadata(model, metadata, precision):
+    """metadata_props are strings: lists and dicts as JSON, booleans as true/false."""
+    values = {
+        **metadata,
+        "precision": precision,
+        "input": "input: float32 N x 3 x S x S RGB in [0, 1] (S = image_size)",
+        "outputs": "logits: N x 2 (real, fake); prob_fake: N = softmax(logits)[:, 1]",
+        "preprocessing": PREPROCESSING,
+    }
+    del model.metadata_props[:]
+    for key, value in values.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=text))
+
+
+def to_onnx(model, image_size, opset=17):
+    """torch.export-based ONNX of model (eval mode) with a dynamic batch axis."""
+    wrapper = WithProbability(model).eval()
+    example = torch.rand(2, 3, image_size, image_size)
+    program = torch.onnx.export(
+        wrapper,
+        (example,),
+        dynamo=True,
+        input_names=["input"],
+        output_names=["logits", "prob_fake"],
+        opset_version=18,  # the exporter's lowest; converted below
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,
+    )
+    proto = program.model_proto
+    counts = {}
+    for node in proto.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        if "model.attention" in ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]")):
+            k = counts[node.op_type] = counts.get(node.op_type, -1) + 1
+            node.name = f"attention/{node.op_type}_{k}"
+        del node.metadata_props[:]  # exporter bookkeeping, incl. this machine's source paths
+    if opset != 18:
+        proto = onnx.version_converter.convert_version(proto, opset)
+    for node in proto.graph.node if opset < 18 else []:  # the 18 -> 17 adapter leaves this behind
+        if node.op_type.startswith("Reduce"):
+            keep = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return proto
+
+
+def ort_session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def probability_gap(session, model, image_size, batches=(1, 8)):
+    """Largest |prob_fake| difference between ONNX Runtime and PyTorch on random batches."""
+    gen = torch.Generator().manual_seed(0)
+    gap = 0.0
+    for n in batches:
+        x = torch.rand(n, 3, image_size, image_size, generator=gen)
+        with torch.inference_mode():
+            expected = torch.softmax(model(x), 1)[:, 1].numpy()
+        logits, prob = session.run(None, {"input": x.numpy()})
+        if logits.shape != (n, 2) or prob.shape != (n,):
+            raise ExportError(f"batch {n}: outputs have shapes {logits.shape}, {prob.shape}")
+        diff = np.abs(prob - expected)  # NaN (e.g. FP16 overflow) counts as the worst gap
+        gap = max(gap, float(diff.max()) if np.isfinite(diff).all() else float("inf"))
+    return gap
+
+
+def save_checked(proto, path, check=None):
+    """Write proto atomically: onnx.checker (full) and check(tmp_path) must pass first."""
+
+    def write(tmp):
+        onnx.save(proto, tmp)
+        onnx.checker.check_model(tmp, full_check=True)
+        if check:
+            check(tmp)
+
+    atomic_write(path, write)
+
+
+def export_onnx(model, path, metadata, opset=17):
+    """FP32 ONNX of model at path, checked against PyTorch. Returns the probability gap."""
+    model.eval()
+    proto = to_onnx(model, metadata["image_size"], opset)
+    set_metadata(proto, metadata, "fp32")
+    gaps = []
+
+    def parity(tmp):
+        gaps.append(probability_gap(ort_session(tmp), model, metadata["image_size"]))
+        if gaps[-1] > PARITY_TOLERANCE:
+            raise ExportError(
+                f"ONNX Runtime and PyTorch differ by {gaps[-1]:.2e} in probability "
+                f"(> {PARITY_TOLERANCE:g}); nothing written"
+            )
+
+    save_checked(proto, path, parity)
+    return gaps[-1]
+
+
+def convert_to_fp16(model, keep_fp32=is_attention):
+    """FP32 ONNX -> mixed FP16 ONNX: float32 input and outputs, nodes where keep_fp32(node)
+    left in FP32, a Cast wherever the two meet. onnxconverter-common is not a dependency; this
+    is its keep_io_types + node_block_list behaviour for the ops this model uses."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph, F32, F16 = model.graph, TensorProto.FLOAT, TensorProto.FLOAT16
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    float_names = {
+        v.name
+        for v in [*inferred.value_info, *graph.input, *graph.output]
+        if v.type.tensor_type.elem_type == F32
+    }
+    initializers = {t.name: t for t in graph.initializer if t.data_type == F32}
+    in_fp32 = {v.name: True for v in graph.input}
+    for node in graph.node:
+        in_fp32.update(dict.fromkeys(node.output, keep_fp32(node)))
+    # Graph outputs of FP16 nodes: the node writes name/fp16, a final Cast writes the name.
+    renamed = {o.name: o.name + "/fp16" for o in graph.output if not in_fp32[o.name]}
+    for node in graph.node:
+        for field in (node.input, node.output):
+            for i, name in enumerate(field):
+                field[i] = renamed.get(name, name)
+    float_names |= set(renamed.values())
+    in_fp32.update(dict.fromkeys(renamed.values(), False))
+
+    def half(tensor, name):
+        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), name)
+
+    nodes, casts, halves = [], {}, {}
+    for node in graph.node:  # in topological order, so a Cast placed here precedes its users
+        fp32 = keep_fp32(node)
+        for i, name in enumerate(node.input):
+            if name in initializers and not fp32:
+                halves.setdefault(name, half(initializers[name], name + "/fp16"))
+                node.input[i] = halves[name].name
+            elif name in float_names and name not in initializers and in_fp32[name] != fp32:
+                if (name, fp32) not in casts:
+                    out = casts[name, fp32] = f"{name}/{'fp32' if fp32 else 'fp16'}"
+                    to = F32 if fp32 else F16
+                    nodes.append(helper.make_node("Cast", [name], [out], out + "/Cast", to=to))
+                node.input[i] = casts[name, fp32]
+        for attr in node.attribute if not fp32 else []:  # Cast(to=float), Constant(value)
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == F32:
+                attr.i = F16
+            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == F32:
+                attr.t.CopyFrom(half(attr.t, attr.t.name))
+        nodes.append(node)
+    for name, fp16_name in renamed.items():
+        nodes.append(helper.make_node("Cast", [fp16_name], [name], name + "/Cast", to=F32))
+    used = {n for node in nodes for n in node.input}
+    initializers = [t for t in [*graph.initializer, *halves.values()] if t.name in used]
+    del graph.node[:], graph.value_info[:], graph.initializer[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    return model
+
+
+def calibration_images(data_dir, size, count, seed=0):
+    """count training images (a fixed random subset), uint8 N x S x S x 3."""
+    rows = read_manifest(data_dir, "train")
+    if not rows:
+        raise ExportError(f"{data_dir} has no training images to calibrate on")
+    pick = np.random.default_rng(seed).permutation(len(rows))[:count]
+    return np.stack([load_image(rows[i]["file"], size) for i in sorted(pick)])
+
+
+def quantize_int8(fp32_path, out_path, images, batch=32):
+    """Static Q/DQ quantisation calibrated on images (uint8 N x S x S x 3): symmetric INT8
+    activations and per-channel weights (TensorRT accepts only zero points of 0), attention
+    left in float so its softmax keeps full precision."""
+    from onnxruntime.quantization import CalibrationDataReader as Reader
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    class Batches(Reader):
+        def __init__(self):
+            self.feeds = (
+                {"input": model_input(images[i : i + batch])} for i in range(0, len(images), batch)
+            )
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    fp32 = onnx.load(str(fp32_path))
+    exclude = [n.name for n in fp32.graph.node if is_attention(n)]
+
+    def write(tmp):
+        # quantize_static logs a "consider pre-processing" warning; quant_pre_process was measured
+        # here and changed neither speed nor accuracy, so the warning is silenced.
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_static(
+                str(fp32_path), tmp, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            )  # fmt: skip
+        finally:
+            root.setLevel(level)
+        quantized = onnx.load(tmp)
+        set_metadata(quantized, {p.key: p.value for p in fp32.metadata_props}, "int8")
+        onnx.save(quantized, tmp)
+        onnx.checker.check_model(tmp, full_check=True)
+
+    atomic_write(out_path, write)
+
+
+def model_input(images):
+    """uint8 N x S x S x 3 -> float32 N x 3 x S x S, by training's own conversion."""
+    return to_model_input(images).numpy()
+
+
+def accuracy(session, images, labels, threshold, batch=64):
+    """Accuracy and fake probabilities of an ONNX session on uint8 N x S x S x 3 images."""
+    feeds = ({"input": model_input(images[i : i + batch])} for i in range(0, len(images), batch))
+    probs = np.concatenate([session.run(["prob_fake"], feed)[0] for feed in feeds])
+    return float(((probs >= threshold) == (labels == 1)).mean()), probs
+
+
+def build_engine(onnx_paths, engine_path, precision, image_size, max_batch=64):
+    """Serialise a TensorRT engine from onnx_paths ({"fp32": path, "fp16": ..., "int8": ...}).
+    TensorRT < 11: weakly typed network; FP16 from the builder flag on the FP32 graph, INT8 from
+    the Q/DQ graph plus the INT8 flag, attention layers pinned to FP32 by precision constraints.
+    TensorRT >= 11 is always strongly typed: precision comes from the FP16 or Q/DQ ONNX itself.
+    Returns (TensorRT version, the ONNX used, number of pinned layers)."""
+    import tensorrt as trt  # here only: everything else works without TensorRT
+
+    major = int(trt.__version__.split(".")[0])
+    onnx_path = onnx_paths[precision if major >= 11 or precision == "int8" else "fp32"]
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if major < 10 else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise ExportError(f"TensorRT cannot parse {onnx_path}: {parser.get_error(0).desc()}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 30)
+    profile = builder.create_optimization_profile()
+    shape = lambda n: (n, 3, image_size, image_size)  # noqa: E731
+    profile.set_shape("input", shape(1), shape(min(32, max_batch)), shape(max_batch))
+    config.add_optimization_profile(profile)
+    pinned = 0
+    if major < 11 and precision != "fp32":
+        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        for layer in (network.get_layer(i) for i in range(network.num_layers)):
+            outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+            if "attention" in layer.name and all(t.dtype == trt.float32 for t in outputs):
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
+                pinned += 1
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ExportError("TensorRT could not build the engine (its log is above)")
+    atomic_write(engine_path, lambda tmp: Path(tmp).write_bytes(bytes(plan)))
+    return trt.__version__, onnx_path, pinned
+
+
+def write_engine_metadata(engine_path, onnx_path):
+    """<engine>.json: the ONNX model's metadata, which an engine file cannot carry."""
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    atomic_write(
+        f"{engine_path}.json", lambda tmp: Path(tmp).write_text(json.dumps(props, indent=1))
+    )
+
+
+def tensorrt_problem():
+    """None when TensorRT and a CUDA GPU are usable, else the reason in one line."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "the tensorrt package is not installed (pip install tensorrt; JetPack ships it)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    return None
+
+
+def write_fp16(out, model, size):
+    path, gaps = out.with_suffix(".fp16.onnx"), []
+    fp16 = convert_to_fp16(onnx.load(str(out)))
+    set_metadata(fp16, {p.key: p.value for p in fp16.metadata_props}, "fp16")
+
+    def close_enough(tmp):
+        gaps.append(probability_gap(ort_session(tmp), model, size))
+        if gaps[-1] > FP16_TOLERANCE:
+            raise ExportError(
+                f"the FP16 model is off by {gaps[-1]:.2e} in probability; not written"
+            )
+
+    save_checked(fp16, path, close_enough)
+    print(f"wrote {path}: attention in FP32, the rest FP16; max |prob difference| {gaps[-1]:.2e}")
+    return path
+
+
+def write_int8(out, ckpt, data, count):
+    """INT8 model calibrated on data's train split; prints the val accuracy change."""
+    size, threshold, data = ckpt["image_size"], ckpt["threshold"], Path(data)
+    if ckpt.get("manifest_sha256") and manifest_hash(data) != ckpt["manifest_sha256"]:
+        print(f"warning: {data} is not the dataset this model was trained on", file=sys.stderr)
+    path = out.with_suffix(".int8.onnx")
+    calibration = calibration_images(data, size, count)
+    quantize_int8(out, path, calibration)
+    rows = read_manifest(data, "val")
+    images = np.stack([load_image(r["file"], size) for r in rows])
+    labels = np.array([CLASS_NAMES.index(r["label"]) for r in rows])
+    acc32, p32 = accuracy(ort_session(out), images, labels, threshold)
+    acc8, p8 = accuracy(ort_session(path), images, labels, threshold)
+    print(f"wrote {path}: calibrated on {len(calibration)} train images; val accuracy "
+          f"fp32 {acc32:.4f} -> int8 {acc8:.4f} ({100 * (acc8 - acc32):+.2f} points on "
+          f"{len(rows)} images); max |prob difference| {np.abs(p8 - p32).max():.4f}")  # fmt: skip
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.tensorrt and (problem := tensorrt_problem()):
+        print(f"error: --tensorrt: {problem}; export without --tensorrt and build the engine "
+              "on the device with trtexec (see python export.py --help)", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        model, ckpt = load_checkpoint(args.checkpoint)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metadata = metadata_from_checkpoint(ckpt)
+    size, out = metadata["image_size"], Path(args.out)
+    try:
+        gap = export_onnx(model, out, metadata, args.opset)
+        print(f"wrote {out}: opset {args.opset}, input {size} px, attention "
+              f"{'on' if metadata['attention'] else 'off'}, threshold {metadata['threshold']:.4f}; "
+              f"ONNX Runtime vs PyTorch max |prob difference| {gap:.2e} (limit {PARITY_TOLERANCE:g})")  # fmt: skip
+        paths = {"fp32": out}
+        if args.fp16:
+            paths["fp16"] = write_fp16(out, model, size)
+        if args.int8:
+            paths["int8"] = write_int8(out, ckpt, args.calib_data, args.calib_count)
+        if args.tensorrt:
+            precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
+            suffix = ".engine" if precision == "fp32" else f".{precision}.engine"
+            engine = Path(args.engine or out.with_suffix(suffix))
+            version, source, pinned = build_engine(paths, engine, precision, size, args.max_batch)
+            write_engine_metadata(engine, source)
+            print(f"wrote {engine} (+ .json): TensorRT {version}, {precision}, built from {source}"
+                  + (f"; {pinned} attention layers pinned to FP32" if pinned else ""))  # fmt: skip
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Classify face photos as real or AI-generated.
+
+    python infer.py photos/                         # every image under photos/ -> predictions.csv
+    python infer.py a.jpg b.png --csv -             # CSV on stdout
+    python infer.py photos/ --model runs/attention-off/best.pt --threshold 0.7
+
+The model decides the backend by its file type: .onnx runs in ONNX Runtime (TensorRT, CUDA or
+CPU provider, the first one available), .engine / .plan in TensorRT, .pt (a train.py checkpoint)
+in PyTorch. Input size, decision threshold and class names come from the model file (ONNX
+metadata, the engine's .json, the checkpoint), so nothing here has to match by hand.
+
+Preprocessing is training's own, imported from common.py: EXIF orientation applied, any mode
+(grayscale, RGBA on white, CMYK, 16-bit, palette) to 8-bit RGB, then the CENTRED SQUARE of side
+min(height, width) is cropped and resized to the model's input size. A face away from the
+centre of a wide photo may be cut off: crop the photo to the face first.
+
+Folders are searched recursively for .jpg .jpeg .png .webp .bmp .gif; files named on the
+command line are tried whatever their extension. Files that cannot be used (empty, truncated,
+not an image, too many pixels) are listed with the reason and skipped. Decoding runs in a
+pool of --workers threads, a few batches ahead of the model.
+
+Output: CSV with columns path,prob_fake,label (label is real or fake: fake when prob_fake >=
+threshold), written atomically to --csv (default predictions.csv in the current folder; "-"
+prints it to stdout). A summary goes to stderr. Exit status 0 when at least one image was
+classified, 2 when a path does not exist, holds no images, no image could be read, or the
+model file is missing or unusable.
+"""
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from common import (
+    CLASS_NAMES,
+    IMAGE_EXTENSIONS,
+    BadImage,
+    atomic_write,
+    find_images,
+    load_image,
+    to_model_input,
+)
+
+DEFAULT_MODEL = "models/facecheck.onnx"
+
+
+class InferError(Exception):
+    """A problem with the inputs or the model; str(exc) is the one-line message."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    # fmt: off
+    p.add_argument("paths", nargs="+", metavar="FOLDER_OR_FILE", help="image files and/or folders (searched recursively)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a .onnx, .engine/.plan or .pt model (default %(default)s)")
+    p.add_argument("--csv", default="predictions.csv", help='CSV to write (default %(default)s in the current folder; "-" for stdout)')
+    p.add_argument("--batch", type=int, default=32, help="images per model call (default 32)")
+    p.add_argument("--threshold", type=float, help="predict fake when prob_fake >= this (default: the model's, chosen on validation)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads (default min(4, CPUs))")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # fmt: on
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.workers < 1:
+        p.error("--batch and --workers must be >= 1")
+    return args
+
+
+def parse_metadata(props, source):
+    """ONNX metadata_props / engine .json (string values, JSON inside) -> typed dict."""
+    if props.get("format") != "facecheck" or "image_size" not in props:
+        raise InferError(
+            f"{source}: no facecheck metadata (image_size, threshold); export the model with export.py"
+        )
+    try:
+        return {
+            "image_size": int(props["image_size"]),
+            "threshold": float(props["threshold"]),
+            "class_names": json.loads(props.get("class_names", json.dumps(CLASS_NAMES))),
+            "precision": props.get("precision", "fp32"),
+        }
+    except (KeyError, ValueError) as exc:
+        raise InferError(f"{source}: unreadable facecheck metadata ({exc})") from None
+
+
+def load_onnx(path):
+    import onnxruntime as ort
+
+    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    try:
+        session = ort.InferenceSession(str(path), providers=providers)
+    except Exception as exc:  # "... Load model from X failed:/src/model.cc:256 fn(...) reason"
+        detail = (str(exc).strip().splitlines() or [""])[0].split("failed:")[-1]
+        detail = detail.rsplit(") ", 1)[-1] if detail.startswith("/") else detail
+        raise InferError(f"{path}: not a usable ONNX model ({detail[:200]})") from None
+    meta = parse_metadata(session.get_modelmeta().custom_metadata_map, path)
+    meta["backend"] = f"ONNX Runtime {session.get_providers()[0]}"
+    return (lambda batch: session.run(["logits"], {"input": batch})[0]), meta
+
+
+def engine_metadata(path):
+    """An engine carries no metadata: read <engine>.json, else the .onnx next to it."""
+    sidecar, onnx_path = Path(f"{path}.json"), path.with_name(path.name.split(".")[0] + ".onnx")
+    if sidecar.is_file():
+        return parse_metadata(json.loads(sidecar.read_text(encoding="utf-8")), sidecar)
+    if onnx_path.is_file():
+        import onnx
+
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        return parse_metadata({p.key: p.value for p in model.metadata_props}, onnx_path)
+    raise InferError(
+        f"{path}: no metadata; expected {sidecar} (written by export.py --tensorrt) or {onnx_path}"
+    )
+
+
+def load_engine(path):
+    """A serialised TensorRT engine, run on CUDA with torch tensors as device buffers."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise InferError(
+            f"{path}: TensorRT engines need the tensorrt package (and a CUDA GPU); use the .onnx model instead"
+        ) from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InferError(f"{path}: TensorRT engines need a CUDA GPU; use the .onnx model instead")
+    meta = engine_metadata(path)
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise InferError(
+            f"{path}: not an engine for this GPU / TensorRT {trt.__version__}; rebuild it here"
+        )
+    context, stream = engine.create_execution_context(), torch.cuda.Stream()
+    max_batch = engine.get_tensor_profile_shape("input", 0)[2][0]
+    outputs = [
+        name
+        for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT
+    ]
+
+    def run(batch):
+        logits = []
+        for start in range(0, len(batch), max_batch):
+            with torch.cuda.stream(stream):
+                x = torch.from_numpy(batch[start : start + max_batch]).cuda()
+                context.set_input_shape("input", tuple(x.shape))
+                context.set_tensor_address("input", x.data_ptr())
+                out = {}
+                for name in outputs:
+                    dtype = torch.from_numpy(
+                        np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))
+                    ).dtype
+                    out[name] = torch.empty(
+                        tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda"
+                    )
+                    context.set_tensor_address(name, out[name].data_ptr())
+                context.execute_async_v3(stream.cuda_stream)
+            stream.synchronize()
+            logits.append(out["logits"].float().cpu().numpy())
+        return np.concatenate(logits)
+
+    meta["backend"] = f"TensorRT {trt.__version__}"
+    return run, meta
+
+
+def load_torch(path):
+    import torch
+
+    from common import pick_device
+    from model import CheckpointError, load_checkpoint
+
+    try:
+        model, ckpt = load_checkpoint(path)  # weights_only: a pickle payload is refused, not run
+    except CheckpointError as exc:
+        raise InferError(str(exc)) from None
+    device = pick_device("auto")
+    model.to(device)
+
+    @torch.inference_mode()
+    def run(batch):
+        return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+
+    meta = {
+        "image_size": ckpt["image_size"],
+        "threshold": ckpt["threshold"],
+        "class_names": list(ckpt.get("class_names", CLASS_NAMES)),
+        "precision": "fp32",
+        "backend": f"PyTorch {device.type}",
+    }
+    return run, meta
+
+
+def load_model(path):
+    """(run, meta): run(float32 N x 3 x S x S in [0, 1]) -> logits N x 2; meta from the file."""
+    path = Path(path)
+    if not path.is_file():
+        hint = (
+            " (make it with: python export.py --checkpoint runs/<run>/best.pt)"
+            if str(path) == DEFAULT_MODEL
+            else ""
+        )
+        raise InferError(f"model {path} not found{hint}")
+    loaders = {".onnx": load_onnx, ".engine": load_engine, ".plan": load_engine, ".pt": load_torch}
+    if path.suffix.lower() not in loaders:
+        raise InferError(f"{path}: unknown model type; expected .onnx, .engine, .plan or .pt")
+    return loaders[path.suffix.lower()](path)
+
+
+def collect_files(paths):
+    """Image files under the given folders plus the given files, in order, without repeats."""
+    files = []
+    for arg in paths:
+        path = Path(arg)
+        if not path.exists():
+            raise InferError(f"{arg}: no such file or folder")
+        files.extend(find_images(path) if path.is_dir() else [path])
+    if not files:
+        where = ", ".join(paths)
+        raise InferError(
+            f"no images found in {where} (looked for {' '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return list(dict.fromkeys(files))
+
+
+def decode(path, size):
+    """(uint8 S x S x 3, None) or (None, reason): never raises."""
+    try:
+        return load_image(path, size), None
+    except BadImage as exc:
+        return None, str(exc)
+    except Exception as exc:
+        return None, f"unreadable ({type(exc).__name__}: {exc})"
+
+
+def decode_ahead(files, size, workers, lookahead):
+    """Yield (path, image, reason) in order while up to lookahead files decode in threads
+    (PIL releases the GIL while decoding and resizing, so threads overlap with inference)."""
+    with ThreadPoolExecutor(workers) as pool:
+        queue, todo = deque(), iter(files)
+        for path in todo:
+            queue.append((path, pool.submit(decode, path, size)))
+            if len(queue) >= lookahead:
+                break
+        while queue:
+            path, future = queue.popleft()
+            following = next(todo, None)
+            if following is not None:
+                queue.append((following, pool.submit(decode, following, size)))
+            yield (path, *future.result())
+
+
+def fake_probability(logits):
+    """softmax(logits)[:, 1], in float64 so every backend rounds the same way."""
+    logits = logits.astype(np.float64)
+    return 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
+
+
+def classify(run, files, size, batch=32, workers=2, progress=None):
+    """[(path, prob_fake)] for the readable files and [(path, reason)] for the rest."""
+    results, skipped, paths, images = [], [], [], []
+
+    def flush():
+        logits = run(to_model_input(np.stack(images)).numpy())
+        results.extend(zip(paths, fake_probability(logits).tolist()))
+        paths.clear()
+        images.clear()
+
+    for path, image, reason in decode_ahead(files, size, workers, lookahead=2 * batch + workers):
+        if image is None:
+            skipped.append((path, reason))
+        else:
+            paths.append(path)
+            images.append(image)
+            if len(images) == batch:
+                flush()
+        if progress is not None:
+            progress.update()
+    if images:
+        flush()
+    return results, skipped
+
+
+def printable(path):
+    """A path as text that any UTF-8 stream accepts (undecodable bytes become \\x escapes)."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def write_predictions(destination, results, threshold, class_names):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "prob_fake", "label"])
+    for path, prob in results:
+        label = class_names[1] if prob >= threshold else class_names[0]
+        writer.writerow([printable(path), f"{prob:.6f}", label])
+    text = buffer.getvalue()
+    if destination == "-":
+        sys.stdout.write(text)
+    else:
+        atomic_write(destination, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        files = collect_files(args.paths)
+        run, meta = load_model(args.model)
+    except InferError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import torch  # noqa: F401  (to_model_input needs it: import it before the clock starts)
+    from tqdm import tqdm
+
+    threshold = meta["threshold"] if args.threshold is None else args.threshold
+    start = time.perf_counter()
+    with tqdm(
+        total=len(files), unit="img", disable=args.quiet, file=sys.stderr, leave=False
+    ) as bar:
+        results, skipped = classify(run, files, meta["image_size"], args.batch, args.workers, bar)
+    seconds = time.perf_counter() - start
+    for path, reason in skipped:
+        print(f"skipped {printable(path)}: {reason}", file=sys.stderr)
+    if not results:
+        print(f"error: none of the {len(files)} files could be read as an image", file=sys.stderr)
+        return 2
+    write_predictions(args.csv, results, threshold, meta["class_names"])
+    fake = sum(prob >= threshold for _, prob in results)
+    names = meta["class_names"]
+    print(f"classified {len(results)} images: {len(results) - fake} {names[0]}, {fake} {names[1]} "
+          f"(threshold {threshold:.4f}); skipped {len(skipped)}; {len(results) / seconds:.1f} images/s "
+          f"({meta['backend']}, {meta['precision']}, {args.workers} decoding threads)"
+          + ("" if args.csv == "-" else f"; wrote {args.csv}"), file=sys.stderr)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""export.py: ONNX parity and metadata, dynamic batch, INT8 and FP16 variants, failure paths."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import ROOT
+from onnx import TensorProto
+
+import export
+from model import FaceCheckNet, load_checkpoint
+
+SIZE = 32
+
+
+def random_model(attention, seed=0):
+    """Random weights with the attention residual switched on (gamma starts at 0 in training,
+    which would hide the attention block from the parity check)."""
+    torch.manual_seed(seed)
+    model = FaceCheckNet({"image_size": SIZE, "attention": attention}).eval()
+    if attention:
+        model.attention.gamma.data.fill_(1.0)
+        torch.nn.init.normal_(model.attention.position, std=0.5)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def metadata(attention):
+    return {"format": "facecheck", "image_size": SIZE, "class_names": ["real", "fake"],
+            "threshold": 0.42, "attention": attention, "manifest_sha256": "abc123"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{"on"|"off": (model, path, gap)}: random models exported once for the whole module."""
+    out = tmp_path_factory.mktemp("export")
+    result = {}
+    for name, attention in (("on", True), ("off", False)):
+        model = random_model(attention)
+        path = out / f"{name}.onnx"
+        result[name] = (model, path, export.export_onnx(model, path, metadata(attention)))
+    return result
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_runs, prepared):
+    """export.py's command line on the tiny attention-on run, with --fp16 and --int8."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("cli") / "facecheck.onnx"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = export.main(["--checkpoint", str(tiny_runs["on"] / "best.pt"), "--out", str(out),
+                          "--fp16", "--int8", "--calib-data", str(prepared), "--calib-count", "64"])  # fmt: skip
+    return rc, out, stdout.getvalue()
+
+
+def ort(path):
+    return export.ort_session(path)
+
+
+def props(path):
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+@pytest.mark.parametrize("name", ["on", "off"])
+def test_random_model_parity_and_dynamic_batch(exported, name):
+    model, path, gap = exported[name]
+    assert gap <= export.PARITY_TOLERANCE
+    session = ort(path)
+    for n in (1, 7):
+        x = torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(n))
+        with torch.inference_mode():
+            logits = model(x)
+        onnx_logits, prob = session.run(None, {"input": x.numpy()})
+        assert onnx_logits.shape == (n, 2) and prob.shape == (n,)
+        np.testing.assert_allclose(onnx_logits, logits.numpy(), atol=1e-4)
+        np.testing.assert_allclose(prob, torch.softmax(logits, 1)[:, 1].numpy(), atol=1e-4)
+
+
+def test_graph_interface_and_metadata(exported):
+    for name, (_, path, _) in exported.items():
+        model = onnx.load(str(path))
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        (inp,) = model.graph.input
+        assert inp.name == "input" and inp.type.tensor_type.elem_type == TensorProto.FLOAT
+        dims = inp.type.tensor_type.shape.dim
+        assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, SIZE, SIZE]
+        assert [o.name for o in model.graph.output] == ["logits", "prob_fake"]
+        meta = props(path)
+        assert meta["format"] == "facecheck" and meta["image_size"] == str(SIZE)
+        assert json.loads(meta["class_names"]) == ["real", "fake"]
+        assert float(meta["threshold"]) == 0.42 and meta["manifest_sha256"] == "abc123"
+        assert meta["attention"] == ("true" if name == "on" else "false")
+        assert meta["precision"] == "fp32" and "crop" in meta["preprocessing"]
+        attention_ops = {n.op_type for n in model.graph.node if export.is_attention(n)}
+        assert attention_ops >= {"MatMul", "Softmax"} if name == "on" else not attention_ops
+
+
+def test_failed_parity_writes_nothing(exported, monkeypatch, tmp_path):
+    """A graph that does not match the model: export fails and leaves no file, not even a temp."""
+    proto = onnx.load(str(exported["on"][1]))
+    monkeypatch.setattr(export, "to_onnx", lambda *args, **kwargs: proto)
+    with pytest.raises(export.ExportError, match="differ"):
+        export.export_onnx(random_model(True, seed=1), tmp_path / "m.onnx", metadata(True))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_keeps_attention_in_fp32(exported, tmp_path):
+    model, path, _ = exported["on"]
+    fp16 = export.convert_to_fp16(onnx.load(str(path)))
+    onnx.checker.check_model(fp16, full_check=True)
+    graph = onnx.shape_inference.infer_shapes(fp16, strict_mode=True).graph
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*graph.value_info, *graph.input, *graph.output]
+    }
+    types.update({t.name: t.data_type for t in fp16.graph.initializer})
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16}
+    attention = [n for n in fp16.graph.node if export.is_attention(n)]
+    assert {n.op_type for n in attention} >= {"MatMul", "Softmax"}
+    for node in attention:
+        assert all(
+            types[t] == TensorProto.FLOAT
+            for t in [*node.input, *node.output]
+            if types.get(t) in floats
+        )
+    convs = [n for n in fp16.graph.node if n.op_type == "Conv" and not export.is_attention(n)]
+    assert convs and all(types[n.input[1]] == TensorProto.FLOAT16 for n in convs)
+    assert all(types[v.name] == TensorProto.FLOAT for v in [*fp16.graph.input, *fp16.graph.output])
+    export.save_checked(fp16, tmp_path / "m.fp16.onnx")
+    assert export.probability_gap(ort(tmp_path / "m.fp16.onnx"), model, SIZE) < 5e-3
+
+
+def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs):
+    rc, out, stdout = cli_run
+    assert rc == 0 and "max |prob difference|" in stdout and "val accuracy fp32" in stdout
+    model, _ = load_checkpoint(tiny_runs["on"] / "best.pt")
+    assert export.probability_gap(ort(out), model, SIZE) <= export.PARITY_TOLERANCE
+    assert props(out)["attention"] == "true"
+
+    int8 = out.with_suffix(".int8.onnx")
+    graph = onnx.load(str(int8)).graph
+    assert props(int8)["precision"] == "int8"
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 0
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    for node in graph.node:  # attention is left in float
+        if export.is_attention(node) and node.op_type in ("MatMul", "Softmax"):
+            assert not dequantized & set(node.input)
+    assert export.probability_gap(ort(int8), model, SIZE) < 0.1
+    assert props(out.with_suffix(".fp16.onnx"))["precision"] == "fp16"
+
+
+def test_cli_attention_off_checkpoint(tiny_runs, tmp_path, capsys):
+    out = tmp_path / "off.onnx"
+    assert export.main(["--checkpoint", str(tiny_runs["off"] / "best.pt"), "--out", str(out)]) == 0
+    assert props(out)["attention"] == "false"
+    assert "ONNX Runtime vs PyTorch" in capsys.readouterr().out
+
+
+def test_int8_needs_calibration_data(tiny_runs):
+    with pytest.raises(SystemExit) as exc:
+        export.main(["--checkpoint", str(tiny_runs["on"] / "best.pt"), "--int8"])
+    assert exc.value.code == 2
+
+
+def test_tensorrt_absent_is_a_clear_exit_2(tiny_runs, tmp_path, capsys):
+    if export.tensorrt_problem() is None:
+        pytest.skip("TensorRT and CUDA are present here")
+    out = tmp_path / "m.onnx"
+    rc = export.main(
+        [
+            "--checkpoint",
+            str(tiny_runs["on"] / "best.pt"),
+            "--out",
+            str(out),
+            "--tensorrt",
+            "--fp16",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "tensorrt" in err.lower()
+    assert not out.exists()
+
+
+def test_tensorrt_is_imported_only_when_asked(tmp_path):
+    """A tensorrt module that explodes on import: export.py and infer.py still import."""
+    (tmp_path / "tensorrt.py").write_text("raise RuntimeError('tensorrt was imported')\n")
+    code = "import export, infer, sys; sys.exit('tensorrt' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-500:]
+
+
+def test_nan_outputs_never_pass_the_parity_check():
+    class NaNSession:  # what an FP16 overflow looks like from the outside
+        def run(self, _, feed):
+            n = len(feed["input"])
+            return np.zeros((n, 2), np.float32), np.full(n, np.nan, np.float32)
+
+    assert export.probability_gap(NaNSession(), random_model(False), SIZE) == float("inf")

@@ -1,0 +1,213 @@
+"""infer.py on synthetic folders: awkward formats, hostile files, CSV, exit codes, model files."""
+
+import csv
+import io
+import struct
+import zlib
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import synthetic_image
+from onnx import TensorProto, helper
+from PIL import Image
+
+import export
+import infer
+from model import load_checkpoint
+
+AWKWARD = ["gray.png", "rgba.png", "cmyk.jpg", "sixteen_bit.png", "palette.png",
+           "exif_rotated.jpg", "wide.jpg", "лицо_é😀.png", "nested/deeper/plain.jpg"]  # fmt: skip
+HOSTILE = {"empty.jpg": "empty file", "truncated.jpg": "truncated", "page.jpg": "HTML",
+           "notes.png": "not an image", "bomb.png": "pixels"}  # fmt: skip
+
+
+def png_claiming(width, height):
+    """A PNG whose header claims width x height pixels, with almost no data behind it."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    (root / "nested" / "deeper").mkdir(parents=True)
+    base = synthetic_image("real", 1, 64)
+    base.convert("L").save(root / "gray.png")
+    rgba = synthetic_image("fake", 2, 64).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((64, 64)))
+    rgba.save(root / "rgba.png")
+    synthetic_image("fake", 3, 64).convert("CMYK").save(root / "cmyk.jpg", quality=95)
+    sixteen = (np.asarray(base.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(sixteen).save(root / "sixteen_bit.png")
+    palette = synthetic_image("real", 4, 64).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.info["transparency"] = 0
+    palette.save(root / "palette.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    synthetic_image("fake", 5, 64).resize((80, 48)).save(root / "exif_rotated.jpg", exif=exif)
+    synthetic_image("real", 6, 64).resize((200, 70)).save(root / "wide.jpg")
+    synthetic_image("fake", 7, 64).save(root / "лицо_é😀.png")
+    synthetic_image("real", 8, 64).save(root / "nested" / "deeper" / "plain.jpg")
+
+    (root / "empty.jpg").write_bytes(b"")
+    jpeg = io.BytesIO()
+    synthetic_image("real", 9, 64).save(jpeg, "JPEG", quality=95)
+    (root / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (root / "page.jpg").write_text("<!DOCTYPE html><html><body>not a photo</body></html>")
+    (root / "notes.png").write_text("just some text\n")
+    (root / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    (root / "readme.txt").write_text("not an image extension: ignored when walking")
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(tiny_runs, tmp_path_factory):
+    """The tiny attention-on run as .pt and as .onnx."""
+    pt = tiny_runs["on"] / "best.pt"
+    model, ckpt = load_checkpoint(pt)
+    onnx_path = tmp_path_factory.mktemp("models") / "facecheck.onnx"
+    export.export_onnx(model, onnx_path, export.metadata_from_checkpoint(ckpt))
+    return {"pt": pt, "onnx": onnx_path, "threshold": ckpt["threshold"]}
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def run(args, capsys):
+    rc = infer.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_folder_with_awkward_and_hostile_files(folder, models, tmp_path, capsys):
+    out = tmp_path / "predictions.csv"
+    rc, _, err = run(
+        [folder, "--model", models["onnx"], "--csv", out, "--batch", "4", "--workers", "3"], capsys
+    )
+    assert rc == 0
+    with open(out, encoding="utf-8") as f:
+        assert f.readline().strip() == "path,prob_fake,label"
+    rows = read_csv(out)
+    assert sorted(r["path"] for r in rows) == sorted(str(folder / name) for name in AWKWARD)
+    for row in rows:
+        prob = float(row["prob_fake"])
+        assert 0 <= prob <= 1 and row["label"] == (
+            "fake" if prob >= models["threshold"] else "real"
+        )
+    for name, reason in HOSTILE.items():
+        line = next(
+            line for line in err.splitlines() if line.startswith(f"skipped {folder / name}")
+        )
+        assert reason.lower() in line.lower()
+    assert (
+        "Traceback" not in err and f"classified {len(AWKWARD)} images" in err and "images/s" in err
+    )
+
+
+def test_pt_and_onnx_agree(folder, models, tmp_path, capsys):
+    probs = {}
+    for kind in ("pt", "onnx"):
+        out = tmp_path / f"{kind}.csv"
+        assert run([folder, "--model", models[kind], "--csv", out, "--quiet"], capsys)[0] == 0
+        probs[kind] = {r["path"]: float(r["prob_fake"]) for r in read_csv(out)}
+    assert probs["pt"].keys() == probs["onnx"].keys()
+    assert max(abs(probs["pt"][p] - probs["onnx"][p]) for p in probs["pt"]) <= 1e-4
+
+
+def test_single_files_to_stdout_with_threshold(folder, models, capsys):
+    files = [folder / "wide.jpg", folder / "лицо_é😀.png", folder / "notes.png"]
+    rc, out, err = run(
+        [*files, "--model", models["onnx"], "--csv", "-", "--threshold", "0", "--quiet"], capsys
+    )
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert rc == 0 and [r["path"] for r in rows] == [str(f) for f in files[:2]]
+    assert all(r["label"] == "fake" for r in rows) and "skipped 1" in err
+
+
+def test_decoding_is_training_preprocessing(folder, models):
+    """classify() sees exactly common.load_image's pixels: same probabilities as the model on them."""
+    from common import load_image, to_model_input
+
+    run_model, meta = infer.load_model(models["pt"])
+    files = [folder / name for name in AWKWARD]
+    results, skipped = infer.classify(run_model, files, meta["image_size"], batch=3, workers=2)
+    assert not skipped and [p for p, _ in results] == files
+    pixels = np.stack([load_image(f, meta["image_size"]) for f in files])
+    model, _ = load_checkpoint(models["pt"])
+    with torch.inference_mode():
+        expected = torch.softmax(model(to_model_input(pixels)), 1)[:, 1].numpy()
+    np.testing.assert_allclose([p for _, p in results], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_folder", "only_bad_files"])
+def test_no_images_exits_2(case, models, tmp_path, capsys):
+    target = tmp_path / "nothing"
+    if case != "missing":
+        target.mkdir()
+    if case == "only_bad_files":
+        (target / "empty.jpg").write_bytes(b"")
+    rc, _, err = run([target, "--model", models["onnx"], "--csv", tmp_path / "p.csv"], capsys)
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error:")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_bad_model_files_exit_2(folder, tmp_path, capsys, monkeypatch):
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage that is not a protobuf model" * 10)
+    no_meta = tmp_path / "plain.onnx"
+    inp, out = (
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2]) for n in ("input", "logits")
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["logits"])], "g", [inp], [out]
+    )
+    plain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(plain, str(no_meta))  # a valid ONNX model, but not a facecheck one
+    engine, other = tmp_path / "m.engine", tmp_path / "m.h5"
+    engine.write_bytes(b"not an engine")
+    other.write_bytes(b"weights")
+    cases = [(corrupt, "not a usable ONNX model"), (no_meta, "no facecheck metadata"),
+             (tmp_path / "model.bin", "not found"), (other, "unknown model type")]  # fmt: skip
+    if export.tensorrt_problem():  # the usual case: no TensorRT or no GPU here
+        cases.append((engine, "TensorRT engines need"))
+    for model, message in cases:
+        rc, _, err = run([folder / "wide.jpg", "--model", model], capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err
+    monkeypatch.chdir(tmp_path)  # no models/facecheck.onnx here: the default model is missing
+    rc, _, err = run([folder / "wide.jpg"], capsys)
+    assert rc == 2 and "export.py" in err
+
+
+def test_pickle_payload_checkpoint_is_refused(folder, tmp_path, capsys):
+    class Payload:  # unpickling it calls open(target, "w"): a file appears if it ever runs
+        def __init__(self, target):
+            self.target = str(target)
+
+        def __reduce__(self):
+            return (open, (self.target, "w"))
+
+    live = tmp_path / "live.pt"  # first prove the payload is real: plain pickle runs it
+    torch.save(Payload(tmp_path / "control"), live)
+    torch.load(live, weights_only=False).close()
+    assert (tmp_path / "control").exists()
+
+    marker, evil = tmp_path / "payload_ran", tmp_path / "evil.pt"
+    torch.save({"format": "facecheck", "model": Payload(marker)}, evil)
+    rc, _, err = run([folder / "wide.jpg", "--model", evil], capsys)
+    assert rc == 2 and "refused" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
