@@ -7,9 +7,10 @@ RAW    := data/raw
 DATA   := data/faces
 RUN    := runs/attention-off
 
-.PHONY: all setup check-raw prepare train test lint clean
+.PHONY: all setup check-raw prepare train evaluate export infer test lint clean
 
-all: setup check-raw prepare train
+# prepare -> train -> evaluate -> export -> classify the test images with the exported model
+all: setup check-raw prepare train evaluate export infer
 
 setup: $(VENV)/.installed
 
@@ -40,6 +41,17 @@ prepare: setup check-raw
 
 train: setup
 	$(PY) train.py --attention off --data $(DATA) --out $(RUN)
+
+evaluate: setup
+	$(PY) evaluate.py --split test --checkpoint $(RUN)/best.pt --data $(DATA) --robustness --heatmaps 16
+
+# Into the run folder: the shipped models/facecheck.onnx is left as it is.
+export: setup
+	$(PY) export.py --checkpoint $(RUN)/best.pt --out $(RUN)/facecheck.onnx
+
+infer: setup
+	$(PY) infer.py --model $(RUN)/facecheck.onnx --csv $(RUN)/test-predictions.csv \
+	  $$(awk -F, '$$4 == "test" {print "$(DATA)/" $$1}' $(DATA)/manifest.csv)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -480,7 +480,31 @@ def compare_runs(paths, data=None, device=None, batch_size=256):
         # so its p-value is indicative only.
         "pooled": {"b": b, "c": c, "p_value": mcnemar_exact(b, c)} if pairs else None,
     }
-    return {"runs": records, "arms": arms, "mcnemar": mcnemar}
+    result = {"runs": records, "arms": arms, "mcnemar": mcnemar}
+    return {**result, "verdict": verdict(result)}
+
+
+def verdict(result):
+    """The ablation's answer, by a rule fixed before the runs: attention counts as helping only
+    if its mean validation accuracy beats the plain model's by more than the seed-to-seed
+    spread (the larger std) AND the pooled McNemar test on test predictions says p < 0.05 in
+    its favour. Anything less and the simpler model ships."""
+    arms, pooled = result["arms"], (result["mcnemar"] or {}).get("pooled")
+    if "on" not in arms or "off" not in arms or not pooled:
+        return "undecided: needs runs of both arms with matching seeds"
+    on, off = arms["on"]["val_accuracy"], arms["off"]["val_accuracy"]
+    gap, spread = on["mean"] - off["mean"], max(on["std"] or 0.0, off["std"] or 0.0)
+    facts = (
+        f"mean val accuracy on {on['mean']:.4f} vs off {off['mean']:.4f} (gap {gap:+.4f}, "
+        f"seed std up to {spread:.4f}); pooled McNemar b={pooled['b']} c={pooled['c']} "
+        f"p={pooled['p_value']:.3g}"
+    )
+    significant = pooled["p_value"] < 0.05
+    if gap > spread and significant and pooled["b"] > pooled["c"]:
+        return f"attention helps: {facts}; the attention model ships"
+    if -gap > spread and significant and pooled["c"] > pooled["b"]:
+        return f"attention hurts: {facts}; the simpler model (attention off) ships"
+    return f"no measurable gain from attention: {facts}; the simpler model (attention off) ships"
 
 
 def _f(x, digits=4):
@@ -628,7 +652,8 @@ def main(argv=None):
     atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(text + "\n"))
     if args.json:
         write_json(args.json, result)
-    print(f"\nsaved {out / 'compare.json'} and {out / 'compare.md'}")
+    print(f"\nverdict: {result['verdict']}")
+    print(f"saved {out / 'compare.json'} and {out / 'compare.md'}")
     return result
 
 

@@ -275,3 +275,19 @@ def test_help_explains_every_flag(capsys):
     for flag in ("--checkpoint", "--runs", "--data", "--split", "--out", "--json", "--device",
                  "--batch-size", "--robustness", "--heatmaps", "--compare"):  # fmt: skip
         assert flag in text
+
+
+def test_verdict_rule():
+    def result(on_acc, off_acc, std, b, c, p):
+        arm = lambda acc: {"val_accuracy": {"mean": acc, "std": std}}  # noqa: E731
+        return {
+            "arms": {"on": arm(on_acc), "off": arm(off_acc)},
+            "mcnemar": {"pooled": {"b": b, "c": c, "p_value": p}},
+        }
+
+    assert evaluate.verdict(result(0.95, 0.90, 0.01, 60, 10, 1e-6)).startswith("attention helps")
+    assert evaluate.verdict(result(0.90, 0.95, 0.01, 10, 60, 1e-6)).startswith("attention hurts")
+    # A gap inside the seed spread, or a non-significant test, is no gain: the simple model ships.
+    assert evaluate.verdict(result(0.95, 0.94, 0.02, 60, 10, 1e-6)).startswith("no measurable gain")
+    assert evaluate.verdict(result(0.95, 0.90, 0.01, 12, 10, 0.8)).startswith("no measurable gain")
+    assert evaluate.verdict({"arms": {}, "mcnemar": {"pooled": None}}).startswith("undecided")

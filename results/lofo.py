@@ -1,0 +1,109 @@
+"""Leave-one-fake-source-out: how does the detector do on a generator it never saw?
+
+    python results/lofo.py --data data/faces --epochs 6 --out results/lofo.json
+
+For each fake source X of the prepared dataset: write a dataset that is the same manifest
+without X (images shared through a symlink, nothing copied), train on it with the given
+settings, then score every image of X (all of them unseen) against the real test images.
+Reports accuracy on X at the checkpoint's threshold, ROC-AUC of X vs the real test images,
+and the accuracy on the remaining in-distribution test split.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common import atomic_write, load_image, read_manifest, write_csv  # noqa: E402
+from model import load_checkpoint, predict  # noqa: E402
+
+FIELDS = ["path", "label", "source", "split", "group", "original"]
+
+
+def score(model, ckpt, rows):
+    size = ckpt["image_size"]
+    images = np.stack([load_image(r["file"], size) for r in rows])
+    prob, _ = predict(model, torch.from_numpy(images).permute(0, 3, 1, 2), torch.device("cpu"))
+    return prob.numpy()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data", default="data/faces", help="prepared dataset (default data/faces)")
+    p.add_argument("--runs", default="runs/lofo", help="where the runs go (default runs/lofo)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per run (default 6)")
+    p.add_argument("--attention", choices=["on", "off"], default="off", help="default off")
+    p.add_argument("--out", default="results/lofo.json", help="default results/lofo.json")
+    args = p.parse_args(argv)
+
+    data = Path(args.data).resolve()
+    rows = read_manifest(data)
+    fake_sources = sorted({r["source"] for r in rows if r["label"] == "fake"})
+    real_test = [r for r in rows if r["label"] == "real" and r["split"] == "test"]
+    results = []
+    for held_out in fake_sources:
+        subset = data.parent / f"{data.name}-without-{held_out}"
+        subset.mkdir(exist_ok=True)
+        if not (subset / "images").exists():
+            os.symlink(data / "images", subset / "images")
+        kept = [{k: r[k] for k in FIELDS} for r in rows if r["source"] != held_out]
+        write_csv(subset / "manifest.csv", kept, FIELDS)
+        run = Path(args.runs) / f"without-{held_out}"
+        if not (run / "best.pt").exists():
+            cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(subset), "--out", str(run),
+                   "--epochs", str(args.epochs), "--attention", args.attention]  # fmt: skip
+            subprocess.run(cmd, check=True, cwd=ROOT)
+        model, ckpt = load_checkpoint(run / "best.pt")
+        unseen = [r for r in rows if r["source"] == held_out]
+        prob_unseen = score(model, ckpt, unseen)
+        prob_real = score(model, ckpt, real_test)
+        seen_test = [r for r in rows if r["split"] == "test" and r["source"] != held_out]
+        prob_seen = score(model, ckpt, seen_test)
+        labels_seen = np.array([r["label"] == "fake" for r in seen_test])
+        t = ckpt["threshold"]
+        result = {
+            "held_out": held_out,
+            "n_unseen": len(unseen),
+            "unseen_accuracy": float((prob_unseen >= t).mean()),
+            "unseen_accuracy_at_0.5": float((prob_unseen >= 0.5).mean()),
+            "unseen_vs_real_test_auc": float(
+                roc_auc_score(
+                    np.r_[np.ones(len(unseen)), np.zeros(len(real_test))],
+                    np.r_[prob_unseen, prob_real],
+                )
+            ),
+            "real_test_accuracy": float((prob_real < t).mean()),
+            "seen_test_accuracy": float(((prob_seen >= t) == labels_seen).mean()),
+            "threshold": t,
+            "epochs": args.epochs,
+            "train_seconds": ckpt["train_seconds"],
+        }
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    atomic_write(
+        args.out, lambda tmp: Path(tmp).write_text(json.dumps({"runs": results}, indent=2) + "\n")
+    )
+    print(
+        "| held-out fake source | n | accuracy on it | AUC vs real test | real test acc | seen test acc |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['held_out']} | {r['n_unseen']} | {r['unseen_accuracy']:.3f} | "
+            f"{r['unseen_vs_real_test_auc']:.3f} | {r['real_test_accuracy']:.3f} | {r['seen_test_accuracy']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
