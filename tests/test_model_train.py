@@ -182,3 +182,15 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
     b = torch.load(run / "last.pt", weights_only=True)["model"]
     for key in a:  # deterministic on CPU: the resumed run ends exactly where the straight one does
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+
+def test_threshold_gives_every_validation_source_equal_say():
+    import numpy as np
+
+    prob = np.r_[[0.1] * 9, 0.62, 0.6, [0.9] * 9]
+    labels = np.r_[[0] * 10, [1] * 10]
+    sources = ["big_real"] * 9 + ["small_real"] + ["gan"] * 10
+    # Per class, calling the one small-source real fake costs as much as missing one fake ...
+    assert train.choose_threshold(prob, labels) == pytest.approx(0.35)
+    # ... per source it costs a whole source, so the threshold moves above it.
+    assert train.choose_threshold(prob, labels, sources) == pytest.approx(0.76)
