@@ -430,4 +430,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while loading: stop quietly, nothing half-written
+        sys.exit("\ninterrupted")

@@ -455,7 +455,9 @@ def main(argv=None):
 
     # SIGTERM (e.g. a job scheduler) ends the run like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    epoch = start_epoch - 1
+    completed = start_epoch - 1
+    if not resume:  # from the first moment on, last.pt is a state a run can resume from
+        save_checkpoint(out / "last.pt", checkpoint(0, {}, 0.5, True))
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             started = time.time()
@@ -510,6 +512,7 @@ def main(argv=None):
                 out / "last.pt",
                 checkpoint(epoch, {"loss": val_loss, "accuracy": val_acc}, 0.5, True),
             )
+            completed = epoch
             write_history(out / "history.csv", history)
             plot_curves(history, out / "curves.png")
             print(
@@ -522,10 +525,9 @@ def main(argv=None):
                 print(f"early stop: no lower validation loss for {args.patience} epochs")
                 break
     except KeyboardInterrupt:
-        if not (out / "last.pt").exists():
-            save_checkpoint(out / "last.pt", checkpoint(epoch, {}, 0.5, True))
+        # last.pt already holds the last finished epoch (it is written after every one).
         print(
-            f"\ninterrupted: {out / 'last.pt'} holds epoch {min(epoch - 1, epoch) if history else 0}; "
+            f"\ninterrupted: {out / 'last.pt'} holds epoch {completed}; "
             f"continue with: python train.py --resume {out / 'last.pt'}"
         )
         sys.exit(130)
@@ -552,4 +554,7 @@ def write_history(path, history):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while loading: stop quietly, nothing half-written
+        sys.exit("\ninterrupted")
