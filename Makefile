@@ -6,6 +6,7 @@ PY     := $(VENV)/bin/python
 RAW    := data/raw
 DATA   := data/faces
 RUN    := runs/attention-off
+TRAIN_ARGS ?=   # extra train.py flags, e.g. make all TRAIN_ARGS="--epochs 1" for a quick dry run
 
 .PHONY: all setup check-raw prepare train evaluate export infer test lint clean
 
@@ -40,7 +41,7 @@ prepare: setup check-raw
 	$(PY) prepare_data.py --real $(RAW)/real/* --fake $(RAW)/fake/* --out $(DATA) --crop lfw=0.62
 
 train: setup
-	$(PY) train.py --attention off --data $(DATA) --out $(RUN)
+	$(PY) train.py --attention off --data $(DATA) --out $(RUN) $(TRAIN_ARGS)
 
 evaluate: setup
 	$(PY) evaluate.py --split test --checkpoint $(RUN)/best.pt --data $(DATA) --robustness --heatmaps 16
