@@ -42,3 +42,12 @@ cp runs/ablation/attention-on-seed0/eval-heatmaps/heatmaps.png results/heatmaps-
 # 5. Generalisation to an unseen generator, and speed.
 $PY results/lofo.py --data data/faces --epochs 5 --out results/lofo.json
 $PY bench/speed.py --checkpoint models/facecheck.pt --calib-data data/faces --json results/speed.json
+
+# 6. Keep the committed figures small: the heatmap grids as 900 px wide, 128-colour PNGs.
+$PY - <<'EOF2'
+from PIL import Image
+for name in ("heatmaps", "heatmaps-attention-on"):
+    im = Image.open(f"results/{name}.png").convert("RGB")
+    im = im.resize((900, round(im.height * 900 / im.width)), Image.LANCZOS)
+    im.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(f"results/{name}.png", optimize=True)
+EOF2
