@@ -275,6 +275,11 @@ def choose_threshold(prob_fake, labels, sources=None):
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
 
 
+def stop_like_ctrl_c(signum, frame):
+    """SIGTERM (a job scheduler, `kill`) ends the run the way Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def git_commit():
     try:
         out = subprocess.run(
@@ -453,8 +458,7 @@ def main(argv=None):
             )
         return state
 
-    # SIGTERM (e.g. a job scheduler) ends the run like Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     completed = start_epoch - 1
     if not resume:  # from the first moment on, last.pt is a state a run can resume from
         save_checkpoint(out / "last.pt", checkpoint(0, {}, 0.5, True))
