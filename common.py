@@ -196,10 +196,23 @@ def manifest_hash(data_dir):
     return hashlib.sha256((Path(data_dir) / "manifest.csv").read_bytes()).hexdigest()
 
 
+def load_rows(rows, size, crop=1.0, progress=False, desc="load"):
+    """Decode manifest rows (each with a 'file') into uint8 N x 3 x size x size, by load_image."""
+    import torch
+    from tqdm import tqdm
+
+    images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
+    for i, row in enumerate(tqdm(rows, desc=desc, disable=not progress, leave=False)):
+        try:
+            images[i] = load_image(row["file"], size, crop)
+        except BadImage as exc:
+            raise SystemExit(f"error: {row['file']}: {exc}") from None
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
 def load_split(data_dir, split, size=None, crop=1.0, progress=False):
     """Decode one split of a prepared dataset into memory: (uint8 N x 3 x H x W, labels, rows)."""
     import torch
-    from tqdm import tqdm
 
     rows = read_manifest(data_dir, split)
     if not rows:
@@ -209,11 +222,6 @@ def load_split(data_dir, split, size=None, crop=1.0, progress=False):
             size = decode_image(rows[0]["file"]).shape[0]
         except BadImage as exc:
             raise SystemExit(f"error: {rows[0]['file']}: {exc}") from None
-    images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
-    for i, row in enumerate(tqdm(rows, desc=f"load {split}", disable=not progress, leave=False)):
-        try:
-            images[i] = load_image(row["file"], size, crop)
-        except BadImage as exc:
-            raise SystemExit(f"error: {row['file']}: {exc}") from None
+    images = load_rows(rows, size, crop, progress, desc=f"load {split}")
     labels = torch.tensor([CLASS_NAMES.index(r["label"]) for r in rows])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, rows
+    return images, labels, rows

@@ -52,7 +52,8 @@ from onnx import TensorProto, helper, numpy_helper
 from common import (
     CLASS_NAMES,
     atomic_write,
-    load_image,
+    load_rows,
+    load_split,
     manifest_hash,
     read_manifest,
     to_model_input,
@@ -287,16 +288,16 @@ def convert_to_fp16(model, keep_fp32=is_attention):
 
 
 def calibration_images(data_dir, size, count, seed=0):
-    """count training images (a fixed random subset), uint8 N x S x S x 3."""
+    """count training images (a fixed random subset), uint8 N x 3 x S x S."""
     rows = read_manifest(data_dir, "train")
     if not rows:
         raise ExportError(f"{data_dir} has no training images to calibrate on")
     pick = np.random.default_rng(seed).permutation(len(rows))[:count]
-    return np.stack([load_image(rows[i]["file"], size) for i in sorted(pick)])
+    return load_rows([rows[i] for i in sorted(pick)], size)
 
 
 def quantize_int8(fp32_path, out_path, images, batch=32):
-    """Static Q/DQ quantisation calibrated on images (uint8 N x S x S x 3): symmetric INT8
+    """Static Q/DQ quantisation calibrated on uint8 images (torch N x 3 x S x S or numpy N x S x S x 3): symmetric INT8
     activations and per-channel weights (TensorRT accepts only zero points of 0), attention
     left in float so its softmax keeps full precision."""
     from onnxruntime.quantization import CalibrationDataReader as Reader
@@ -336,12 +337,12 @@ def quantize_int8(fp32_path, out_path, images, batch=32):
 
 
 def model_input(images):
-    """uint8 N x S x S x 3 -> float32 N x 3 x S x S, by training's own conversion."""
+    """uint8 images (either layout) -> float32 N x 3 x S x S, by training's own conversion."""
     return to_model_input(images).numpy()
 
 
 def accuracy(session, images, labels, threshold, batch=64):
-    """Accuracy and fake probabilities of an ONNX session on uint8 N x S x S x 3 images."""
+    """Accuracy and fake probabilities of an ONNX session on uint8 images (either layout)."""
     feeds = ({"input": model_input(images[i : i + batch])} for i in range(0, len(images), batch))
     probs = np.concatenate([session.run(["prob_fake"], feed)[0] for feed in feeds])
     return float(((probs >= threshold) == (labels == 1)).mean()), probs
@@ -432,9 +433,8 @@ def write_int8(out, ckpt, data, count):
     path = out.with_suffix(".int8.onnx")
     calibration = calibration_images(data, size, count)
     quantize_int8(out, path, calibration)
-    rows = read_manifest(data, "val")
-    images = np.stack([load_image(r["file"], size) for r in rows])
-    labels = np.array([CLASS_NAMES.index(r["label"]) for r in rows])
+    images, labels, rows = load_split(data, "val", size=size)
+    labels = labels.numpy()
     acc32, p32 = accuracy(ort_session(out), images, labels, threshold)
     acc8, p8 = accuracy(ort_session(path), images, labels, threshold)
     print(f"wrote {path}: calibrated on {len(calibration)} train images; val accuracy "

@@ -23,16 +23,14 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import atomic_write, load_image, read_manifest, write_csv  # noqa: E402
+from common import atomic_write, load_rows, read_manifest, write_csv  # noqa: E402
 from model import load_checkpoint, predict  # noqa: E402
 
 FIELDS = ["path", "label", "source", "split", "group", "original"]
 
 
 def score(model, ckpt, rows):
-    size = ckpt["image_size"]
-    images = np.stack([load_image(r["file"], size) for r in rows])
-    prob, _ = predict(model, torch.from_numpy(images).permute(0, 3, 1, 2), torch.device("cpu"))
+    prob, _ = predict(model, load_rows(rows, ckpt["image_size"]), torch.device("cpu"))
     return prob.numpy()
 
 
