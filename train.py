@@ -120,9 +120,15 @@ def parse_args(argv=None):
         "--degrade-p",
         type=float,
         default=0.3,
-        help="probability of each of Gaussian blur (sigma 0.2-1.2) and JPEG re-compression "
-        "(quality 60-95) per training image (default 0.3; 0.5 made the hardest pair, FFHQ vs "
-        "StyleGAN, barely learnable)",
+        help="probability of Gaussian blur (sigma 0.2-1.2) per training image (default 0.3; "
+        "0.5 made the hardest pair, FFHQ vs StyleGAN, barely learnable)",
+    )
+    p.add_argument(
+        "--jpeg-p",
+        type=float,
+        default=None,
+        help="probability of JPEG re-compression (quality 60-95) per training image "
+        "(default: the same as --degrade-p)",
     )
     p.add_argument(
         "--min-crop",
@@ -233,7 +239,7 @@ class EarlyStopping:
         return self.bad_epochs == 0
 
 
-def train_transform(size, degrade_p=0.5, min_crop=0.75):
+def train_transform(size, degrade_p=0.5, min_crop=0.75, jpeg_p=None):
     """Augmentation for both classes alike. JPEG and blur follow Wang et al. 2020:
     they stop the detector from keying on one source's codec or sharpness."""
     return v2.Compose(
@@ -241,7 +247,7 @@ def train_transform(size, degrade_p=0.5, min_crop=0.75):
             v2.RandomHorizontalFlip(),
             v2.RandomResizedCrop(size, scale=(min_crop, 1.0), ratio=(0.9, 1.1), antialias=True),
             v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.2, 1.2))], p=degrade_p),
-            v2.RandomApply([v2.JPEG(quality=(60, 95))], p=degrade_p),
+            v2.RandomApply([v2.JPEG(quality=(60, 95))], p=degrade_p if jpeg_p is None else jpeg_p),
         ]
     )
 
@@ -371,7 +377,9 @@ def main(argv=None):
 
     generator = torch.Generator().manual_seed(args.seed)
     dataset = AugmentedImages(
-        train_images, train_labels, train_transform(size, args.degrade_p, args.min_crop)
+        train_images,
+        train_labels,
+        train_transform(size, args.degrade_p, args.min_crop, args.jpeg_p),
     )
     if args.sampler == "source-balanced":
         sampler = WeightedRandomSampler(
