@@ -63,6 +63,10 @@ def main(argv=None):
                    "--epochs", str(args.epochs), "--attention", args.attention]  # fmt: skip
             subprocess.run(cmd, check=True, cwd=ROOT)
         model, ckpt = load_checkpoint(run / "best.pt")
+        # A run left by an earlier call is reused only if it was trained the way asked now.
+        trained = {k: ckpt["train_args"][k] for k in ("epochs", "attention")}
+        if trained != {"epochs": args.epochs, "attention": args.attention}:
+            sys.exit(f"error: {run} was trained with {trained}; remove it or pass another --runs")
         unseen = [r for r in rows if r["source"] == held_out]
         prob_unseen = score(model, ckpt, unseen)
         prob_real = score(model, ckpt, real_test)

@@ -13,6 +13,7 @@ from conftest import ROOT
 from onnx import TensorProto
 
 import export
+from common import load_split, to_model_input
 from model import FaceCheckNet, load_checkpoint
 
 SIZE = 32
@@ -141,7 +142,7 @@ def test_fp16_keeps_attention_in_fp32(exported, tmp_path):
     assert export.probability_gap(ort(tmp_path / "m.fp16.onnx"), model, SIZE) < 5e-3
 
 
-def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs):
+def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs, prepared):
     rc, out, stdout = cli_run
     assert rc == 0 and "max |prob difference|" in stdout and "val accuracy fp32" in stdout
     model, _ = load_checkpoint(tiny_runs["on"] / "best.pt")
@@ -156,7 +157,14 @@ def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs):
     for node in graph.node:  # attention is left in float
         if export.is_attention(node) and node.op_type in ("MatMul", "Softmax"):
             assert not dequantized & set(node.input)
-    assert export.probability_gap(ort(int8), model, SIZE) < 0.1
+    # INT8 ranges are calibrated on the data's images, so judge it on them: random noise (what
+    # probability_gap feeds) lies outside those ranges and says little about a quantised model.
+    images, _, _ = load_split(prepared, "val")
+    x = to_model_input(images)
+    with torch.inference_mode():
+        expected = torch.softmax(model(x), 1)[:, 1].numpy()
+    _, prob = ort(int8).run(None, {"input": x.numpy()})
+    assert np.abs(prob - expected).max() < 0.05
     assert props(out.with_suffix(".fp16.onnx"))["precision"] == "fp16"
 
 
