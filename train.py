@@ -239,7 +239,7 @@ class EarlyStopping:
         return self.bad_epochs == 0
 
 
-def train_transform(size, degrade_p=0.5, min_crop=0.75, jpeg_p=None):
+def train_transform(size, degrade_p, jpeg_p, min_crop):
     """Augmentation for both classes alike. JPEG and blur follow Wang et al. 2020:
     they stop the detector from keying on one source's codec or sharpness."""
     return v2.Compose(
@@ -247,7 +247,7 @@ def train_transform(size, degrade_p=0.5, min_crop=0.75, jpeg_p=None):
             v2.RandomHorizontalFlip(),
             v2.RandomResizedCrop(size, scale=(min_crop, 1.0), ratio=(0.9, 1.1), antialias=True),
             v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.2, 1.2))], p=degrade_p),
-            v2.RandomApply([v2.JPEG(quality=(60, 95))], p=degrade_p if jpeg_p is None else jpeg_p),
+            v2.RandomApply([v2.JPEG(quality=(60, 95))], p=jpeg_p),
         ]
     )
 
@@ -279,6 +279,14 @@ def choose_threshold(prob_fake, labels, sources=None):
     score = np.mean([correct[:, groups == g].mean(axis=1) for g in np.unique(groups)], axis=0)
     best = np.flatnonzero(score >= score.max() - 1e-12)
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def saved_train_args(ckpt):
+    """A checkpoint's train.py arguments with what older runs left implicit made explicit:
+    runs from before --jpeg-p re-compressed with the blur probability, --degrade-p."""
+    args = dict(ckpt["train_args"])
+    args.setdefault("jpeg_p", args["degrade_p"])
+    return args
 
 
 def stop_like_ctrl_c(signum, frame):
@@ -336,11 +344,10 @@ def main(argv=None):
             sys.exit(f"error: {exc}")
         if "optimizer" not in resume:
             sys.exit(f"error: {args.resume} holds no optimizer state; resume from a last.pt")
-        saved = resume["train_args"]
+        saved = saved_train_args(resume)
         # The run's own settings, workers included: the worker count changes the augmentation
         # random streams, and a resumed run should end exactly where an uninterrupted one would.
         keep = ("device", "threads", "resume")
-        saved.setdefault("jpeg_p", None)  # runs from before --jpeg-p used --degrade-p for both
         for key in saved:
             if key not in keep:
                 setattr(args, key, saved[key])
@@ -380,7 +387,7 @@ def main(argv=None):
     dataset = AugmentedImages(
         train_images,
         train_labels,
-        train_transform(size, args.degrade_p, args.min_crop, args.jpeg_p),
+        train_transform(size, args.degrade_p, args.jpeg_p, args.min_crop),
     )
     if args.sampler == "source-balanced":
         sampler = WeightedRandomSampler(

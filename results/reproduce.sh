@@ -39,18 +39,18 @@ done
 $PY - <<'EOF'
 import json
 import torch
+from train import saved_train_args
 rows = ["| run | blur p | JPEG p | val acc | val AUC | FFHQ real | StyleGAN v1 fake | JPEG 75 | JPEG 50 | "
         "downscale x0.5 | blur 1 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 for run in ("runs/ablation/attention-off-seed0", "runs/recipes/blur0.3-jpeg0.7",
             "runs/recipes/blur0.6-jpeg0.7", "runs/recipes/blur0.6-jpeg0.7-attention-on"):
     m = json.load(open(f"{run}/eval-val/metrics.json"))
-    args = torch.load(f"{run}/best.pt", weights_only=True)["train_args"]
-    jpeg = args.get("jpeg_p") if args.get("jpeg_p") is not None else args["degrade_p"]
+    args = saved_train_args(torch.load(f"{run}/best.pt", weights_only=True))
     acc = {r["condition"]: r["accuracy"] for r in m["robustness"]}
     src = {s["source"]: s["accuracy"] for s in m["per_source"]}
     drops = " | ".join(f"{100 * (acc[k] - acc['clean']):+.1f}"
                        for k in ("jpeg75", "jpeg50", "downscale0.5", "blur1"))
-    rows.append(f"| {run} | {args['degrade_p']} | {jpeg} | {acc['clean']:.3f} | "
+    rows.append(f"| {run} | {args['degrade_p']} | {args['jpeg_p']} | {acc['clean']:.3f} | "
                 f"{m['metrics']['roc_auc']:.3f} | {src['ffhq']:.2f} | {src['stylegan1_140k']:.2f} | {drops} |")
 open("results/recipes.md", "w").write(
     "Validation split, 10 epochs, seed 0, attention off unless the name says on; accuracy at "

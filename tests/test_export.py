@@ -13,8 +13,8 @@ from conftest import ROOT
 from onnx import TensorProto
 
 import export
-from common import load_split, to_model_input
-from model import FaceCheckNet, load_checkpoint
+from common import load_split
+from model import FaceCheckNet, load_checkpoint, predict
 
 SIZE = 32
 
@@ -159,12 +159,10 @@ def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs, prepared):
             assert not dequantized & set(node.input)
     # INT8 ranges are calibrated on the data's images, so judge it on them: random noise (what
     # probability_gap feeds) lies outside those ranges and says little about a quantised model.
-    images, _, _ = load_split(prepared, "val")
-    x = to_model_input(images)
-    with torch.inference_mode():
-        expected = torch.softmax(model(x), 1)[:, 1].numpy()
-    _, prob = ort(int8).run(None, {"input": x.numpy()})
-    assert np.abs(prob - expected).max() < 0.05
+    images, labels, _ = load_split(prepared, "val")
+    expected, _ = predict(model, images, torch.device("cpu"))
+    _, prob = export.accuracy(ort(int8), images, labels.numpy(), 0.5)
+    assert np.abs(prob - expected.numpy()).max() < 0.05
     assert props(out.with_suffix(".fp16.onnx"))["precision"] == "fp16"
 
 

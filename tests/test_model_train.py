@@ -200,13 +200,16 @@ def test_augmentation_probabilities_are_honoured():
     # A textured image: JPEG must change it, a flip alone must not beyond mirroring.
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
     mirrors = (image, image.flip(-1))
-    never = train.train_transform(64, degrade_p=0.0, min_crop=1.0, jpeg_p=0.0)
-    always_jpeg = train.train_transform(64, degrade_p=0.0, min_crop=1.0, jpeg_p=1.0)
+    never = train.train_transform(64, degrade_p=0.0, jpeg_p=0.0, min_crop=1.0)
+    always_jpeg = train.train_transform(64, degrade_p=0.0, jpeg_p=1.0, min_crop=1.0)
     torch.manual_seed(0)
     for _ in range(8):
         untouched, compressed = never(image), always_jpeg(image)
         assert any(torch.equal(untouched, m) for m in mirrors)
         assert not any(torch.equal(compressed, m) for m in mirrors)
-    # jpeg_p=None falls back to degrade_p, which is what old checkpoints' runs used.
-    legacy = train.train_transform(64, degrade_p=1.0, min_crop=1.0)
-    assert legacy.transforms[-1].p == 1.0
+    # Runs from before --jpeg-p re-compressed with --degrade-p; resuming one keeps doing so.
+    legacy = train.saved_train_args({"train_args": {"degrade_p": 1.0}})
+    assert (
+        train.train_transform(64, legacy["degrade_p"], legacy["jpeg_p"], 1.0).transforms[-1].p
+        == 1.0
+    )
