@@ -5,9 +5,11 @@ pixels a deployed model sees are made by exactly the code that made its training
 
 import csv
 import hashlib
+import math
 import os
 import tempfile
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +227,61 @@ def load_split(data_dir, split, size=None, crop=1.0, progress=False):
     images = load_rows(rows, size, crop, progress, desc=f"load {split}")
     labels = torch.tensor([CLASS_NAMES.index(r["label"]) for r in rows])
     return images, labels, rows
+
+
+# ---------------------------------------------------------------- perturbations
+# Plain functions on uint8 N x 3 x H x W tensors, applied to both classes alike: evaluate.py's
+# robustness grid, and train.py's threshold choice (made on clean and perturbed validation
+# copies, so that a re-encoded photo is not pushed across it).
+def jpeg(images, quality):
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.jpeg(images, quality)
+
+
+def rescale(images, factor=0.5):
+    """Down to factor x the side and back (antialiased): removes the finest frequencies."""
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = images.shape[-2:]
+    small = TF.resize(images, [round(h * factor), round(w * factor)], antialias=True)
+    return TF.resize(small, [h, w], antialias=True)
+
+
+def blur(images, sigma=1.0):
+    from torchvision.transforms.v2 import functional as TF
+
+    k = 2 * math.ceil(3 * sigma) + 1  # the kernel covers +-3 sigma
+    return TF.gaussian_blur(images, [k, k], [sigma, sigma])
+
+
+def zoom(images, factor=1.25):
+    """Centre crop of 1/factor of the side, resized back up: the same face, framed tighter.
+    Every training fake is FFHQ-aligned, so a detector can learn "this exact framing means
+    fake"; a user's photos are framed however they are, and this row shows that cost."""
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = images.shape[-2:]
+    crop = TF.center_crop(images, [round(h / factor), round(w / factor)])
+    return TF.resize(crop, [h, w], antialias=True)
+
+
+PERTURBATIONS = {
+    "jpeg95": partial(jpeg, quality=95),
+    "jpeg75": partial(jpeg, quality=75),
+    "jpeg50": partial(jpeg, quality=50),
+    "downscale0.5": partial(rescale, factor=0.5),
+    "blur1": partial(blur, sigma=1.0),
+    "zoom1.2": partial(zoom, factor=1.2),
+    "zoom1.5": partial(zoom, factor=1.5),
+}
+# The conditions train.py picks the threshold on; the zoom rows stay out, a held-out check.
+THRESHOLD_PERTURBATIONS = ("jpeg95", "jpeg75", "jpeg50", "downscale0.5", "blur1")
+
+
+def perturb(images, name, batch_size=256):
+    """PERTURBATIONS[name] over a whole uint8 N x 3 x H x W tensor, in batches."""
+    import torch
+
+    fn = PERTURBATIONS[name]
+    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])

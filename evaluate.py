@@ -20,21 +20,21 @@ import argparse
 import json
 import math
 import sys
-from functools import partial
 from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from common import (
     CLASS_NAMES,
+    PERTURBATIONS,
     atomic_write,
     load_split,
     manifest_hash,
+    perturb,
     pick_device,
     to_model_input,
     write_csv,
@@ -173,37 +173,11 @@ def mcnemar_exact(b, c):
     return 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
 
 
-# ---------------------------------------------------------------- perturbations
-# Plain functions on uint8 N x 3 x H x W tensors, applied to both classes alike.
-def rescale(images, factor=0.5):
-    """Down to factor x the side and back (antialiased): removes the finest frequencies."""
-    h, w = images.shape[-2:]
-    small = TF.resize(images, [round(h * factor), round(w * factor)], antialias=True)
-    return TF.resize(small, [h, w], antialias=True)
-
-
-def blur(images, sigma=1.0):
-    k = 2 * math.ceil(3 * sigma) + 1  # the kernel covers +-3 sigma
-    return TF.gaussian_blur(images, [k, k], [sigma, sigma])
-
-
-PERTURBATIONS = {
-    "jpeg95": partial(TF.jpeg, quality=95),
-    "jpeg75": partial(TF.jpeg, quality=75),
-    "jpeg50": partial(TF.jpeg, quality=50),
-    "downscale0.5": partial(rescale, factor=0.5),
-    "blur1": partial(blur, sigma=1.0),
-}
-
-
 def robustness(model, images, labels, threshold, device, batch_size=256):
     """Accuracy and AUC on the clean split and after each perturbation."""
     results = []
     for name in tqdm(["clean", *PERTURBATIONS], desc="robustness", leave=False):
-        x = images
-        if name != "clean":
-            chunks = range(0, len(images), batch_size)
-            x = torch.cat([PERTURBATIONS[name](images[i : i + batch_size]) for i in chunks])
+        x = images if name == "clean" else perturb(images, name, batch_size)
         prob, _ = predict(model, x, device, batch_size)
         m = compute_metrics(labels, prob, threshold)
         results.append({"condition": name, "accuracy": m["accuracy"], "roc_auc": m["roc_auc"]})

@@ -30,9 +30,11 @@ from tqdm import tqdm
 
 from common import (
     CLASS_NAMES,
+    THRESHOLD_PERTURBATIONS,
     atomic_write,
     load_split,
     manifest_hash,
+    perturb,
     pick_device,
     to_model_input,
 )
@@ -133,8 +135,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--min-crop",
         type=float,
-        default=0.75,
-        help="smallest area share of the random resized crop (default 0.75; 1 = no crop)",
+        default=0.4,
+        help="smallest area share of the random resized crop, i.e. zoom up to 1/sqrt(this) at "
+        "a random position (default 0.4: up to 1.58x; 1 = no crop). Every training fake is "
+        "FFHQ-aligned, so with 0.75 the model learned that framing: fakes cropped 1.5x tighter "
+        "were called real (-25 validation points); with 0.4 it lost nothing there",
     )
     p.add_argument(
         "--stem-stride",
@@ -279,6 +284,37 @@ def choose_threshold(prob_fake, labels, sources=None):
     score = np.mean([correct[:, groups == g].mean(axis=1) for g in np.unique(groups)], axis=0)
     best = np.flatnonzero(score >= score.max() - 1e-12)
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def robust_threshold(model, images, labels, sources, device):
+    """choose_threshold over the validation images clean AND after each of
+    THRESHOLD_PERTURBATIONS (JPEG 95/75/50, 2x downscale, blur), every (source, condition)
+    counting alike. A threshold fitted to clean images alone sat where re-encoding moved the
+    fakes across it (measured: 0.599, and 6 points lost at JPEG 75 with the ranking intact,
+    AUC 0.969 -> 0.960); photos in the wild are re-encoded. Returns (threshold, clean accuracy)."""
+    probs, groups = [], []
+    for name in ("clean", *THRESHOLD_PERTURBATIONS):
+        x = images if name == "clean" else perturb(images, name)
+        probs.append(predict(model, x, device)[0].numpy())
+        groups.append(np.char.add(np.asarray(sources, dtype=str), f"|{name}"))
+    threshold = choose_threshold(
+        np.concatenate(probs), np.tile(np.asarray(labels), len(probs)), np.concatenate(groups)
+    )
+    clean_accuracy = float(((probs[0] >= threshold) == (np.asarray(labels) == 1)).mean())
+    return threshold, clean_accuracy
+
+
+def finish_best(path, images, labels, sources, device):
+    """Replace best.pt's clean-validation threshold with robust_threshold's, once, at the end
+    of training (it costs five extra validation passes, too many for every epoch)."""
+    model, ckpt = load_checkpoint(path)
+    model.to(device)
+    threshold, accuracy = robust_threshold(model, images, labels, sources, device)
+    ckpt["threshold"] = threshold
+    ckpt["threshold_rule"] = "validation, clean + " + " + ".join(THRESHOLD_PERTURBATIONS)
+    ckpt["val_metrics"]["accuracy_at_threshold"] = accuracy
+    save_checkpoint(path, ckpt)
+    return ckpt
 
 
 def saved_train_args(ckpt):
@@ -452,6 +488,7 @@ def main(argv=None):
             "class_names": list(CLASS_NAMES),
             "image_size": size,
             "threshold": threshold,
+            "threshold_rule": "validation, clean (until training ends)",
             "epoch": epoch,
             "val_metrics": val_metrics,
             "manifest_sha256": data_hash,
@@ -552,7 +589,7 @@ def main(argv=None):
         )
         sys.exit(130)
 
-    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    best = finish_best(out / "best.pt", val_images, val_labels.numpy(), val_sources, device)
     total = sum(h["seconds"] for h in history)
     print(
         f"best epoch {best['epoch']}: val loss {best['val_metrics']['loss']:.4f}, "

@@ -4,7 +4,7 @@
 
 For each fake source X of the prepared dataset: write a dataset that is the same manifest
 without X (images shared through a symlink, nothing copied), train on it with the given
-settings, then score every image of X (all of them unseen) against the real test images.
+settings (train.py's defaults otherwise), then score every image of X (all of them unseen) against the real test images.
 Reports accuracy on X at the checkpoint's threshold, ROC-AUC of X vs the real test images,
 and the accuracy on the remaining in-distribution test split.
 """
@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from common import atomic_write, load_rows, read_manifest, write_csv  # noqa: E402
 from model import load_checkpoint, predict  # noqa: E402
+from train import parse_args as train_defaults  # noqa: E402
+from train import saved_train_args  # noqa: E402
 
 FIELDS = ["path", "label", "source", "split", "group", "original"]
 
@@ -63,9 +65,13 @@ def main(argv=None):
                    "--epochs", str(args.epochs), "--attention", args.attention]  # fmt: skip
             subprocess.run(cmd, check=True, cwd=ROOT)
         model, ckpt = load_checkpoint(run / "best.pt")
-        # A run left by an earlier call is reused only if it was trained the way asked now.
-        trained = {k: ckpt["train_args"][k] for k in ("epochs", "attention")}
-        if trained != {"epochs": args.epochs, "attention": args.attention}:
+        # A run left by an earlier call is reused only if it was trained the way asked now,
+        # with today's default recipe (the defaults move when a better recipe is found).
+        wanted = vars(train_defaults([]))
+        wanted = {k: wanted[k] for k in ("degrade_p", "jpeg_p", "min_crop", "width", "loss")}
+        wanted |= {"epochs": args.epochs, "attention": args.attention}
+        trained = {k: saved_train_args(ckpt).get(k) for k in wanted}
+        if trained != wanted:
             sys.exit(f"error: {run} was trained with {trained}; remove it or pass another --runs")
         unseen = [r for r in rows if r["source"] == held_out]
         prob_unseen = score(model, ckpt, unseen)

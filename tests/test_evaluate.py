@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import evaluate
 
 
@@ -74,13 +75,24 @@ def test_perturbations_keep_shape_dtype_and_change_pixels():
     images = (smooth + torch.randint(-30, 30, (4, 3, 32, 32), generator=g)).clamp(0, 255)
     images = images.to(torch.uint8)
     diffs = {}
-    for name, fn in evaluate.PERTURBATIONS.items():
+    for name, fn in common.PERTURBATIONS.items():
         out = fn(images)
         assert out.shape == images.shape and out.dtype == torch.uint8, name
         diffs[name] = (out.float() - images.float()).abs().mean().item()
         assert diffs[name] > 0.5, name
     assert diffs["jpeg50"] > diffs["jpeg95"]  # lower quality, larger change
-    assert set(evaluate.PERTURBATIONS) == {"jpeg95", "jpeg75", "jpeg50", "downscale0.5", "blur1"}
+    assert set(common.PERTURBATIONS) == {
+        "jpeg95", "jpeg75", "jpeg50", "downscale0.5", "blur1", "zoom1.2", "zoom1.5"
+    }  # fmt: skip
+
+
+def test_zoom_enlarges_the_centre():
+    # A centred bright square of half the side fills 1.5x more of the frame after zoom1.5.
+    images = torch.zeros(1, 3, 60, 60, dtype=torch.uint8)
+    images[..., 15:45, 15:45] = 255
+    out = common.zoom(images, factor=1.5)
+    bright = (out[0, 0] > 127).float().mean().item()
+    assert abs(bright - 0.25 * 1.5**2) < 0.03
 
 
 def test_per_source_table_adds_up():
@@ -135,7 +147,7 @@ def test_evaluate_run_writes_everything(tiny_runs, prepared, tmp_path, capsys):
     # predictions.csv agrees with the reported accuracy at the stored threshold.
     correct = [p["pred"] == p["label"] for p in preds]
     assert np.mean(correct) == pytest.approx(m["accuracy"])
-    assert [r["condition"] for r in saved["robustness"]] == ["clean", *evaluate.PERTURBATIONS]
+    assert [r["condition"] for r in saved["robustness"]] == ["clean", *common.PERTURBATIONS]
     assert saved["robustness"][0]["accuracy"] == pytest.approx(m["accuracy"])
     assert len(saved["heatmaps"]) == 4
     text = capsys.readouterr().out

@@ -196,6 +196,24 @@ def test_threshold_gives_every_validation_source_equal_say():
     assert train.choose_threshold(prob, labels, sources) == pytest.approx(0.76)
 
 
+def test_robust_threshold_keeps_perturbed_fakes_above_it(monkeypatch):
+    # Stand-ins: the "model" scores an image by its brightness, every perturbation darkens by
+    # 100, so perturbed fakes score 0.39-0.43 while clean ones score 0.78-0.82.
+    import numpy as np
+
+    monkeypatch.setattr(train, "predict", lambda m, x, d: (x.float().mean((1, 2, 3)) / 255, None))
+    monkeypatch.setattr(train, "perturb", lambda x, name: (x.int() - 100).clamp(0, 255).byte())
+    values = [50, 60, 200, 210]
+    images = torch.tensor(values, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 4, 4)
+    labels = np.array([0, 0, 1, 1])
+    sources = ["lfw", "lfw", "gan", "gan"]
+    clean_only = train.choose_threshold(np.array(values) / 255, labels, sources)
+    assert clean_only == pytest.approx((60 + 200) / 2 / 255)  # perfect on clean, nearest 0.5
+    threshold, clean_accuracy = train.robust_threshold(None, images, labels, sources, "cpu")
+    assert 60 / 255 < threshold < 100 / 255  # below the perturbed fakes, above the reals
+    assert clean_accuracy == 1.0
+
+
 def test_augmentation_probabilities_are_honoured():
     # A textured image: JPEG must change it, a flip alone must not beyond mirroring.
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
