@@ -73,9 +73,7 @@ def main(argv=None):
                     for row, rgb in zip(rows, originals)
                 ]
             )
-            prob, _ = predict(
-                model, torch.from_numpy(images).permute(0, 3, 1, 2), torch.device("cpu")
-            )
+            prob, _ = predict(model, images, torch.device("cpu"))  # N x H x W x 3 is accepted
             correct = (prob.numpy() >= threshold) == (labels == 1)
             for source in np.unique(sources):
                 acc[source, crop] = correct[sources == source].mean()

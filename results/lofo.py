@@ -4,7 +4,8 @@
 
 For each fake source X of the prepared dataset: write a dataset that is the same manifest
 without X (images shared through a symlink, nothing copied), train on it with the given
-settings (train.py's defaults otherwise), then score every image of X (all of them unseen) against the real test images.
+settings (train.py's defaults otherwise), then score every image of X (all of them unseen)
+against the real test images.
 Reports accuracy on X at the checkpoint's threshold, ROC-AUC of X vs the real test images,
 and the accuracy on the remaining in-distribution test split.
 """
@@ -51,6 +52,11 @@ def main(argv=None):
     rows = read_manifest(data)
     fake_sources = sorted({r["source"] for r in rows if r["label"] == "fake"})
     real_test = [r for r in rows if r["label"] == "real" and r["split"] == "test"]
+    # How every run must have been trained: as asked, and otherwise with today's default recipe
+    # (the defaults move when a better recipe is found, and an older run must not slip in).
+    defaults = vars(train_defaults([]))
+    wanted = {k: defaults[k] for k in ("degrade_p", "jpeg_p", "min_crop", "width", "loss")}
+    wanted |= {"epochs": args.epochs, "attention": args.attention}
     results = []
     for held_out in fake_sources:
         subset = data.parent / f"{data.name}-without-{held_out}"
@@ -65,11 +71,7 @@ def main(argv=None):
                    "--epochs", str(args.epochs), "--attention", args.attention]  # fmt: skip
             subprocess.run(cmd, check=True, cwd=ROOT)
         model, ckpt = load_checkpoint(run / "best.pt")
-        # A run left by an earlier call is reused only if it was trained the way asked now,
-        # with today's default recipe (the defaults move when a better recipe is found).
-        wanted = vars(train_defaults([]))
-        wanted = {k: wanted[k] for k in ("degrade_p", "jpeg_p", "min_crop", "width", "loss")}
-        wanted |= {"epochs": args.epochs, "attention": args.attention}
+        # A run left by an earlier call is reused only if it was trained the way asked now.
         trained = {k: saved_train_args(ckpt).get(k) for k in wanted}
         if trained != wanted:
             sys.exit(f"error: {run} was trained with {trained}; remove it or pass another --runs")
