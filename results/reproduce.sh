@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild everything in results/ and models/ from a clean clone plus the shared faces:
 #   mkdir -p data && ln -s ../../shared/data/faces data/raw && make setup && bash results/reproduce.sh
-# About 2.5 hours on a 2-core CPU (ten 10-epoch trainings of 9-13 minutes, one of 40 minutes,
-# three 5-epoch LOFO ones).
+# About 3.5 hours on a 2-core CPU (ten 10-epoch trainings of 9-13 minutes, one of 45 minutes,
+# three 20-epoch LOFO ones of about 17).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -79,6 +79,19 @@ $PY evaluate.py --checkpoint models/facecheck.pt --data data/faces --split test 
   --robustness --heatmaps 16 --out results/shipped-test --json results/metrics.json
 cp results/shipped-test/{confusion_matrix,roc,per_source,robustness,heatmaps}.png results/
 $PY export.py --checkpoint models/facecheck.pt --out models/facecheck.onnx --int8 --calib-data data/faces
+$PY results/thresholds.py --checkpoint models/facecheck.pt --data data/faces --out results/thresholds.md
+$PY results/framing.py models/facecheck.pt runs/recipes/blur0.6-jpeg0.7/best.pt
+# 3b. Attention spot check under the shipped recipe: the same command with the other arm,
+#     compared on validation only (one seed: a spot check, not an ablation).
+other=$([ "$arm" = on ] && echo off || echo on)
+if [ ! -f runs/shipped-attention-$other/done ]; then
+  $PY train.py --data data/faces --attention "$other" --epochs 45 --patience 45 --seed 0 \
+    --out runs/shipped-attention-$other
+  touch runs/shipped-attention-$other/done
+fi
+for run in runs/shipped runs/shipped-attention-$other; do
+  $PY evaluate.py --checkpoint $run/best.pt --data data/faces --split val --robustness --out $run/eval-val
+done
 
 # 4. Heatmaps of an attention-on run (where its attention looks).
 $PY evaluate.py --checkpoint runs/ablation/attention-on-seed0/best.pt --data data/faces --split test \
@@ -86,7 +99,7 @@ $PY evaluate.py --checkpoint runs/ablation/attention-on-seed0/best.pt --data dat
 cp runs/ablation/attention-on-seed0/eval-heatmaps/heatmaps.png results/heatmaps-attention-on.png
 
 # 5. Generalisation to an unseen generator, and speed.
-$PY results/lofo.py --data data/faces --epochs 5 --out results/lofo.json
+$PY results/lofo.py --data data/faces --epochs 20 --runs runs/lofo-e20 --out results/lofo.json
 $PY bench/speed.py --checkpoint models/facecheck.pt --calib-data data/faces --json results/speed.json
 
 # 6. Keep the committed figures small: the heatmap grids as 900 px wide, 128-colour PNGs.

@@ -196,6 +196,20 @@ def test_threshold_gives_every_validation_source_equal_say():
     assert train.choose_threshold(prob, labels, sources) == pytest.approx(0.76)
 
 
+def test_threshold_keeps_many_fake_sources_from_outvoting_the_real_ones():
+    import numpy as np
+
+    # One real source with photos at 0.55 and 0.65, three fake sources: two sure (0.95), one
+    # weak (0.62 x 7, 0.9 x 3). Threshold 0.585 catches every fake and half the photos;
+    # 0.775 gets every photo and 3 of the weak fakes. Averaged over the four sources the
+    # fakes outvote the photos (0.875 vs 0.825); per class 0.775 wins (0.883 vs 0.75).
+    prob = np.r_[[0.55] * 5, [0.65] * 5, [0.95] * 20, [0.62] * 7, [0.9] * 3]
+    labels = np.r_[[0] * 10, [1] * 30]
+    sources = ["photo"] * 10 + ["gan_a"] * 10 + ["gan_b"] * 10 + ["gan_c"] * 10
+    assert train.choose_threshold(prob, labels, sources) == pytest.approx(0.775)
+    assert train.choose_threshold(prob, labels, sources, per_class=False) == pytest.approx(0.585)
+
+
 def test_robust_threshold_keeps_perturbed_fakes_above_it(monkeypatch):
     # Stand-ins: the "model" scores an image by its brightness, every perturbation darkens by
     # 100, so perturbed fakes score 0.39-0.43 while clean ones score 0.78-0.82.
