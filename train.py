@@ -5,11 +5,13 @@
     python train.py --resume runs/attention-off/last.pt
 
 Class-weighted cross-entropy (or focal loss), the same augmentation for both classes
-(flip, mild resized crop, JPEG re-compression, Gaussian blur), AdamW with a one-cycle
-schedule, early stopping on validation loss. The run folder gets best.pt (lowest
+(flip, resized crop of 40-100 % of the area, JPEG re-compression, Gaussian blur), AdamW with
+a one-cycle schedule, early stopping on validation loss. The run folder gets best.pt (lowest
 validation loss), last.pt (every epoch, atomically), history.csv and curves.png.
 Every checkpoint carries the model config, the decision threshold chosen on validation
-and the hash of the data manifest, so the other scripts need nothing but the file.
+(re-picked at the end over clean and perturbed validation copies, the two classes weighing
+alike: choose_threshold) and the hash of the data manifest, so the other scripts need
+nothing but the file.
 """
 
 import argparse
