@@ -21,9 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import THRESHOLD_PERTURBATIONS, atomic_write, load_split, perturb  # noqa: E402
-from model import load_checkpoint, predict  # noqa: E402
-from train import choose_threshold  # noqa: E402
+from common import THRESHOLD_PERTURBATIONS, atomic_write, load_split  # noqa: E402
+from model import load_checkpoint  # noqa: E402
+from train import scores_for_threshold, threshold_over_conditions  # noqa: E402
 
 
 def main(argv=None):
@@ -41,20 +41,11 @@ def main(argv=None):
     images, labels, rows = load_split(args.data, "val", ckpt["image_size"], progress=True)
     labels = labels.numpy()
     sources = np.array([r["source"] for r in rows])
-    conditions = ("clean", *THRESHOLD_PERTURBATIONS)
-    probs = {}
-    for name in conditions:
-        x = images if name == "clean" else perturb(images, name)
-        probs[name] = predict(model, x, torch.device("cpu"))[0].numpy()
-    all_prob = np.concatenate([probs[c] for c in conditions])
-    all_labels = np.tile(labels, len(conditions))
-    all_groups = np.concatenate([np.char.add(sources.astype(str), f"|{c}") for c in conditions])
+    probs = scores_for_threshold(model, images, torch.device("cpu"))
     rules = {
-        "per source (replaced)": choose_threshold(
-            all_prob, all_labels, all_groups, per_class=False
-        ),
-        "per class, sources within (train.py now)": choose_threshold(
-            all_prob, all_labels, all_groups
+        "per source (replaced)": threshold_over_conditions(probs, labels, sources, per_class=False),
+        "per class, sources within (train.py now)": threshold_over_conditions(
+            probs, labels, sources
         ),
         "0.5": 0.5,
     }
@@ -68,7 +59,7 @@ def main(argv=None):
         "|---|---|---|" + "---|" * len(names) + "---|",
     ]
     for rule, t in rules.items():
-        right = {c: (probs[c] >= t) == (labels == 1) for c in conditions}
+        right = {c: (p >= t) == (labels == 1) for c, p in probs.items()}
         per = " | ".join(f"{right['clean'][sources == s].mean():.3f}" for s in names)
         worst = min(r.mean() for r in right.values())
         lines.append(f"| {rule} | {t:.3f} | {right['clean'].mean():.3f} | {per} | {worst:.3f} |")
