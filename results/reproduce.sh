@@ -98,8 +98,10 @@ $PY evaluate.py --checkpoint runs/ablation/attention-on-seed0/best.pt --data dat
   --heatmaps 16 --out runs/ablation/attention-on-seed0/eval-heatmaps
 cp runs/ablation/attention-on-seed0/eval-heatmaps/heatmaps.png results/heatmaps-attention-on.png
 
-# 5. Generalisation to an unseen generator, and speed.
+# 5. Generalisation to an unseen generator (and an unseen real source), and speed.
 $PY results/lofo.py --data data/faces --epochs 20 --runs runs/lofo-e20 --out results/lofo.json
+$PY results/lofo.py --data data/faces --epochs 20 --label real --runs runs/lofo-real-e20 \
+  --out results/lofo-real.json
 $PY bench/speed.py --checkpoint models/facecheck.pt --calib-data data/faces --json results/speed.json
 
 # 6. Keep the committed figures small: the heatmap grids as 900 px wide, 128-colour PNGs.

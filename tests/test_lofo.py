@@ -1,0 +1,43 @@
+"""results/lofo.py on the tiny dataset: holding out a real source scores its photos as reals."""
+
+import json
+import sys
+
+import numpy as np
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "results"))
+
+
+def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(tmp_path, prepared):
+    import lofo
+    from common import load_rows, read_manifest
+    from model import load_checkpoint, predict
+
+    out = tmp_path / "lofo-real.json"
+    lofo.main([
+        "--data", str(prepared), "--label", "real", "--epochs", "1",
+        "--runs", str(tmp_path / "runs"), "--out", str(out),
+    ])  # fmt: skip
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["held_out"] for r in runs] == ["camera", "people"]
+
+    rows = read_manifest(prepared)
+    for result in runs:
+        held_out = result["held_out"]
+        subset = read_manifest(prepared.parent / f"{prepared.name}-without-{held_out}")
+        assert {r["source"] for r in subset} == {r["source"] for r in rows} - {held_out}
+        assert len(subset) == len([r for r in rows if r["source"] != held_out])
+
+        # Recompute the headline figure independently: the held-out photos are real, so a
+        # photo counts as right when its prob_fake is BELOW the run's threshold.
+        model, ckpt = load_checkpoint(tmp_path / "runs" / f"without-{held_out}" / "best.pt")
+        unseen = [r for r in rows if r["source"] == held_out]
+        images = load_rows(unseen, ckpt["image_size"])
+        prob = predict(model, images, torch.device("cpu"))[0].numpy()
+        assert result["label"] == "real" and result["n_unseen"] == len(unseen)
+        assert result["threshold"] == ckpt["threshold"]
+        assert np.isclose(result["unseen_accuracy"], (prob < ckpt["threshold"]).mean())
+        assert 0.0 <= result["unseen_vs_other_class_test_auc"] <= 1.0
