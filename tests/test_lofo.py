@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import torch
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "results"))
@@ -13,6 +12,7 @@ sys.path.insert(0, str(ROOT / "results"))
 
 def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(tmp_path, prepared):
     import lofo
+
     from common import load_rows, read_manifest
     from model import load_checkpoint, predict
 
