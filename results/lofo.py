@@ -47,6 +47,12 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=6, help="epochs per run (default 6)")
     p.add_argument("--attention", choices=["on", "off"], default="off", help="default off")
     p.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="early-stopping patience (default train.py's); = --epochs for no early stop",
+    )
+    p.add_argument(
         "--label",
         choices=["fake", "real"],
         default="fake",
@@ -63,7 +69,8 @@ def main(argv=None):
     # (the defaults move when a better recipe is found, and an older run must not slip in).
     defaults = vars(train_defaults([]))
     wanted = {k: defaults[k] for k in ("degrade_p", "jpeg_p", "min_crop", "width", "loss")}
-    wanted |= {"epochs": args.epochs, "attention": args.attention}
+    patience = defaults["patience"] if args.patience is None else args.patience
+    wanted |= {"epochs": args.epochs, "attention": args.attention, "patience": patience}
     results = []
     for held_out in held_out_sources:
         subset = data.parent / f"{data.name}-without-{held_out}"
@@ -75,7 +82,8 @@ def main(argv=None):
         run = Path(args.runs) / f"without-{held_out}"
         if not (run / "best.pt").exists():
             cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(subset), "--out", str(run),
-                   "--epochs", str(args.epochs), "--attention", args.attention]  # fmt: skip
+                   "--epochs", str(args.epochs), "--attention", args.attention,
+                   "--patience", str(patience)]  # fmt: skip
             subprocess.run(cmd, check=True, cwd=ROOT)
         model, ckpt = load_checkpoint(run / "best.pt")
         # A run left by an earlier call is reused only if it was trained the way asked now.
@@ -105,6 +113,8 @@ def main(argv=None):
             "seen_test_accuracy": float(((prob_seen >= t) == labels_seen).mean()),
             "threshold": t,
             "epochs": args.epochs,
+            "patience": patience,
+            "best_epoch": ckpt["epoch"],
             "train_seconds": ckpt["train_seconds"],
         }
         results.append(result)
