@@ -18,7 +18,7 @@ def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(tmp_path, pr
 
     out = tmp_path / "lofo-real.json"
     lofo.main([
-        "--data", str(prepared), "--label", "real", "--epochs", "1",
+        "--data", str(prepared), "--label", "real", "--epochs", "1", "--patience", "1",
         "--runs", str(tmp_path / "runs"), "--out", str(out),
     ])  # fmt: skip
     runs = json.loads(out.read_text())["runs"]
@@ -39,5 +39,6 @@ def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(tmp_path, pr
         prob = predict(model, images, torch.device("cpu"))[0].numpy()
         assert result["label"] == "real" and result["n_unseen"] == len(unseen)
         assert result["threshold"] == ckpt["threshold"]
+        assert ckpt["train_args"]["patience"] == 1
         assert np.isclose(result["unseen_accuracy"], (prob < ckpt["threshold"]).mean())
         assert 0.0 <= result["unseen_vs_other_class_test_auc"] <= 1.0
