@@ -4,8 +4,9 @@
     python evaluate.py --checkpoint runs/exp-a --robustness --heatmaps 8
     python evaluate.py --compare runs/                  # ablation table of every run in runs/
 
-A single evaluation writes metrics.json, predictions.csv, confusion_matrix.png, roc.png and
-per_source.png (plus robustness.png / heatmaps.png when asked) to RUN/eval-<split>/.
+A single evaluation writes metrics.json, predictions.csv, confusion_matrix.png, roc.png,
+per_source.png and calibration.png (plus robustness.png / heatmaps.png when asked) to
+RUN/eval-<split>/.
 "fake" is the positive class. Predictions use the decision threshold stored in the
 checkpoint (chosen on validation, never on the split evaluated); accuracy at 0.5 is shown
 for reference. The per-source table is the shortcut audit: a model that keys on a source's
@@ -136,6 +137,10 @@ def compute_metrics(labels, prob, threshold):
             "matrix": skm.confusion_matrix(labels, pred, labels=[0, 1]).tolist(),
         },
         **dict.fromkeys(["roc_auc", "average_precision", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct"]),
+        # Does prob_fake mean what it says? Brier score (0 is perfect, 0.25 a constant 0.5) and
+        # the reliability table: per bin of prob_fake, how many images and how many are fake.
+        "brier": float(skm.brier_score_loss(labels, prob, labels=[0, 1])),
+        "calibration": calibration_bins(labels, prob),
     }
     if len(np.unique(labels)) == 2:  # ranking metrics need both classes
         fpr, tpr, _ = skm.roc_curve(labels, prob, drop_intermediate=False)
@@ -147,6 +152,30 @@ def compute_metrics(labels, prob, threshold):
             tpr_at_fpr_5pct=float(tpr[fpr <= 0.05].max()),
         )
     return out
+
+
+def calibration_bins(labels, prob, n_bins=10):
+    """Reliability table over equal-width bins of prob_fake: n, mean prob_fake and the fraction
+    that is fake (sklearn's calibration_curve gives the same two curves but drops the counts,
+    which say how far to trust each bin); expected calibration error = the n-weighted mean gap."""
+    labels, prob = np.asarray(labels, dtype=float), np.asarray(prob, dtype=float)
+    which = np.minimum((prob * n_bins).astype(int), n_bins - 1)
+    bins = []
+    for b in range(n_bins):
+        m = which == b
+        if m.any():
+            row = dict(low=b / n_bins, high=(b + 1) / n_bins, n=int(m.sum()))
+            bins.append(
+                {
+                    **row,
+                    "mean_prob_fake": float(prob[m].mean()),
+                    "fraction_fake": float(labels[m].mean()),
+                }
+            )
+    ece = sum(b["n"] * abs(b["mean_prob_fake"] - b["fraction_fake"]) for b in bins) / max(
+        len(prob), 1
+    )
+    return {"bins": bins, "expected_calibration_error": float(ece)}
 
 
 def per_source_table(rows, prob, threshold):
@@ -262,6 +291,25 @@ def plot_roc(labels, prob, metrics, path):
         xlabel="false-positive rate (real called fake)", ylabel="true-positive rate (fake caught)"
     )
     ax.legend(loc="lower right")
+    save_figure(fig, path)
+
+
+def plot_calibration(metrics, path):
+    bins = metrics["calibration"]["bins"]
+    fig, (ax, hist) = _plt().subplots(
+        2, 1, figsize=(4.5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
+    ax.plot([b["mean_prob_fake"] for b in bins], [b["fraction_fake"] for b in bins], "o-")
+    ax.set(
+        ylabel="fraction that is fake",
+        title=f"Brier {metrics['brier']:.3f}, "
+        f"ECE {metrics['calibration']['expected_calibration_error']:.3f}",
+    )
+    ax.legend(loc="upper left")
+    hist.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["n"] for b in bins], width=0.09)
+    hist.axvline(metrics["threshold"], color="red", lw=1)
+    hist.set(xlim=(0, 1), xlabel="prob_fake (red: threshold)", ylabel="images")
     save_figure(fig, path)
 
 
@@ -532,7 +580,8 @@ def print_report(m, sources):
         f"fake is the positive class\naccuracy {m['accuracy']:.4f} (at 0.5: {m['accuracy_at_0.5']:.4f}), "
         f"balanced accuracy {m['balanced_accuracy']:.4f}, ROC-AUC {_f(m['roc_auc'])}, "
         f"average precision {_f(m['average_precision'])}\nTPR at 1% FPR {_f(m['tpr_at_fpr_1pct'])}, "
-        f"at 5% FPR {_f(m['tpr_at_fpr_5pct'])}\n"
+        f"at 5% FPR {_f(m['tpr_at_fpr_5pct'])}\nBrier score {m['brier']:.4f}, expected "
+        f"calibration error {m['calibration']['expected_calibration_error']:.4f} (calibration.png)\n"
     )
     classes = [*m["per_class"].items(), ("macro", {**m["macro"], "support": m["n"]})]
     rows = [
@@ -591,6 +640,7 @@ def evaluate_split(args, device):
     else:
         print("warning: the split holds one class only: no ROC-AUC, AP or roc.png", file=sys.stderr)
     plot_per_source(sources, out / "per_source.png")
+    plot_calibration(metrics, out / "calibration.png")
     if args.robustness:
         report["robustness"] = robustness(model, images, labels, threshold, device, args.batch_size)
         cells = [

@@ -84,7 +84,7 @@ cp "$best/best.pt" models/facecheck.pt
 cp "$best/curves.png" results/curves.png
 $PY evaluate.py --checkpoint models/facecheck.pt --data data/faces --split test \
   --robustness --heatmaps 16 --out results/shipped-test --json results/metrics.json
-cp results/shipped-test/{confusion_matrix,roc,per_source,robustness,heatmaps}.png results/
+cp results/shipped-test/{confusion_matrix,roc,per_source,calibration,robustness,heatmaps}.png results/
 $PY export.py --checkpoint models/facecheck.pt --out models/facecheck.onnx --int8 --calib-data data/faces
 $PY results/thresholds.py --checkpoint models/facecheck.pt --data data/faces --out results/thresholds.md
 $PY results/framing.py models/facecheck.pt runs/recipes/blur0.6-jpeg0.7/best.pt

@@ -46,6 +46,29 @@ def test_metrics_on_hand_made_predictions():
     assert lower["roc_auc"] == m["roc_auc"]
 
 
+def test_calibration_table_against_hand_values_and_sklearn():
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
+    labels = [0, 0, 0, 1, 0, 1, 1, 1, 1, 0]
+    prob = [0.05, 0.05, 0.15, 0.15, 0.55, 0.55, 0.95, 0.95, 1.0, 0.95]
+    m = evaluate.compute_metrics(labels, prob, threshold=0.5)
+    bins = m["calibration"]["bins"]
+    # Empty bins are left out; prob 1.0 falls in the last bin, not an eleventh one.
+    assert [(b["low"], b["n"]) for b in bins] == [(0.0, 2), (0.1, 2), (0.5, 2), (0.9, 4)]
+    assert [b["fraction_fake"] for b in bins] == pytest.approx([0, 0.5, 0.5, 0.75])
+    frac, mean = calibration_curve(labels, prob, n_bins=10)
+    assert [b["fraction_fake"] for b in bins] == pytest.approx(frac)
+    assert [b["mean_prob_fake"] for b in bins] == pytest.approx(mean)
+    # ECE: (2 * 0.05 + 2 * 0.35 + 2 * 0.05 + 4 * |0.9625 - 0.75|) / 10.
+    expected = (0.1 + 0.7 + 0.1 + 4 * 0.2125) / 10
+    assert m["calibration"]["expected_calibration_error"] == pytest.approx(expected)
+    assert m["brier"] == pytest.approx(brier_score_loss(labels, prob))
+    # A perfectly sure, perfectly right model: Brier 0, ECE 0.
+    sure = evaluate.compute_metrics([0, 1], [0.0, 1.0], threshold=0.5)
+    assert sure["brier"] == 0 and sure["calibration"]["expected_calibration_error"] == 0
+
+
 def test_metrics_imbalanced_and_one_class():
     labels = [0, 0, 0, 0, 0, 0, 1, 1]
     prob = [0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.1]
@@ -124,7 +147,7 @@ def test_evaluate_run_writes_everything(tiny_runs, prepared, tmp_path, capsys):
         "--robustness", "--heatmaps", "4", "--device", "cpu", "--json", str(tmp_path / "m.json"),
     ])  # fmt: skip
     for name in ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png",
-                 "per_source.png", "robustness.png", "heatmaps.png"):  # fmt: skip
+                 "per_source.png", "calibration.png", "robustness.png", "heatmaps.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left none
     saved = json.loads((out / "metrics.json").read_text())
@@ -152,6 +175,8 @@ def test_evaluate_run_writes_everything(tiny_runs, prepared, tmp_path, capsys):
     assert len(saved["heatmaps"]) == 4
     text = capsys.readouterr().out
     assert "predicted fake" in text and "shortcut audit" in text and "jpeg50" in text
+    assert "Brier score" in text
+    assert sum(b["n"] for b in m["calibration"]["bins"]) == m["n"]
     assert report["metrics"] == m
 
 
