@@ -159,23 +159,17 @@ def calibration_bins(labels, prob, n_bins=10):
     that is fake (sklearn's calibration_curve gives the same two curves but drops the counts,
     which say how far to trust each bin); expected calibration error = the n-weighted mean gap."""
     labels, prob = np.asarray(labels, dtype=float), np.asarray(prob, dtype=float)
-    which = np.minimum((prob * n_bins).astype(int), n_bins - 1)
-    bins = []
-    for b in range(n_bins):
-        m = which == b
-        if m.any():
-            row = dict(low=b / n_bins, high=(b + 1) / n_bins, n=int(m.sum()))
-            bins.append(
-                {
-                    **row,
-                    "mean_prob_fake": float(prob[m].mean()),
-                    "fraction_fake": float(labels[m].mean()),
-                }
-            )
-    ece = sum(b["n"] * abs(b["mean_prob_fake"] - b["fraction_fake"]) for b in bins) / max(
-        len(prob), 1
-    )
-    return {"bins": bins, "expected_calibration_error": float(ece)}
+    which = np.minimum((prob * n_bins).astype(int), n_bins - 1)  # 1.0 joins the last bin
+    n = np.bincount(which, minlength=n_bins)
+    mean_prob = np.bincount(which, prob, n_bins) / np.maximum(n, 1)
+    fraction_fake = np.bincount(which, labels, n_bins) / np.maximum(n, 1)
+    bins = [
+        dict(low=b / n_bins, high=(b + 1) / n_bins, n=int(n[b]),
+             mean_prob_fake=float(mean_prob[b]), fraction_fake=float(fraction_fake[b]))
+        for b in np.flatnonzero(n)
+    ]  # fmt: skip
+    ece = float((n * np.abs(mean_prob - fraction_fake)).sum() / max(len(prob), 1))
+    return {"bins": bins, "expected_calibration_error": ece}
 
 
 def per_source_table(rows, prob, threshold):
