@@ -38,7 +38,7 @@ check-raw:
 	fi
 
 prepare: setup check-raw
-	$(PY) prepare_data.py --real $(RAW)/real/* --fake $(RAW)/fake/* --out $(DATA) --crop lfw=0.62
+	$(PY) prepare_data.py --real $(RAW)/real/* --fake $(RAW)/fake/* --out $(DATA) --group 'amfd=-(\d+)'
 
 train: setup
 	$(PY) train.py --attention off --data $(DATA) --out $(RUN) $(TRAIN_ARGS)
@@ -52,7 +52,7 @@ export: setup
 
 infer: setup
 	$(PY) infer.py --model $(RUN)/facecheck.onnx --csv $(RUN)/test-predictions.csv \
-	  $$(awk -F, '$$4 == "test" {print "$(DATA)/" $$1}' $(DATA)/manifest.csv)
+	  $$(awk -F, '$$4 == "test" {print $$6}' $(DATA)/manifest.csv)
 
 test: setup
 	$(PY) -m pytest -q tests

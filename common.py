@@ -123,9 +123,144 @@ def crop_and_resize(rgb, size, crop=1.0):
 
 
 def load_image(path, size, crop=1.0):
-    """decode_image + crop_and_resize: file -> size x size x 3 uint8. Used by
-    prepare_data.py to build the dataset and by infer.py on a user's photos."""
+    """decode_image + crop_and_resize: file -> size x size x 3 uint8 (whole-image framing)."""
     return crop_and_resize(decode_image(path), size, crop)
+
+
+# ---------------------------------------------------------------- faces
+# Every stage frames a face the same way, from MTCNN's five landmarks (left eye, right eye,
+# nose, left mouth corner, right mouth corner). The FFHQ-like side is max(4 x eye distance,
+# 3.6 x eye-to-mouth distance); the square is centred FACE_SHIFT of the eye-to-mouth vector
+# below the eye midpoint. prepare_data.py stores a STORE_SCALE square of that side (the face
+# with some hair and background, so training can frame it wider or tighter); the model sees
+# the centre VIEW of the stored crop, i.e. 0.6 x the FFHQ-like side (eyebrows to chin).
+# Why 0.6: the celeba_crops images are ~100 px crops whose FFHQ-like side is 1.6x the image;
+# a wider canonical view would be clamped on them, framing one real source tighter than every
+# other ("tight = real"). At 0.6 x it fits inside every source's images.
+FACE_SHIFT = 0.4
+STORE_SCALE = 0.75
+VIEW = 0.8  # model view = VIEW x stored side = 0.6 x the FFHQ-like side
+FACE_MIN_SCORE = 0.9  # MTCNN's last-stage probability; below it a "face" is often a pattern
+DETECT_MAX_SIDE = 1024  # detection runs on a copy no larger than this (speed); boxes scaled back
+
+
+def stored_size(model_size):
+    """Side of the stored crop whose centre VIEW is exactly model_size pixels."""
+    return round(model_size / VIEW)
+
+
+def face_square(landmarks, width, height, scale=STORE_SCALE):
+    """Five (x, y) landmarks -> the square (x0, y0, side) in source pixels, clamped inside the
+    width x height image and never padded (a padding colour would tell the source): a square
+    that does not fit is shrunk to the short side, then shifted inside."""
+    pts = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    eyes, mouth = (pts[0] + pts[1]) / 2, (pts[3] + pts[4]) / 2
+    eye_to_mouth = mouth - eyes
+    side = scale * max(4.0 * np.linalg.norm(pts[0] - pts[1]), 3.6 * np.linalg.norm(eye_to_mouth))
+    side = float(min(max(side, 1.0), width, height))
+    cx, cy = eyes + FACE_SHIFT * eye_to_mouth
+    x0 = float(np.clip(cx - side / 2, 0, width - side))
+    y0 = float(np.clip(cy - side / 2, 0, height - side))
+    return x0, y0, side
+
+
+def whole_square(width, height):
+    """The centred square of the short side: the framing of images that are already faces."""
+    side = float(min(width, height))
+    return (width - side) / 2, (height - side) / 2, side
+
+
+def crop_square(rgb, square, size):
+    """The (x0, y0, side) square of rgb, resized to size x size (antialiased bicubic, sub-pixel
+    box: PIL's resize takes a float source box and reads only inside it)."""
+    x0, y0, side = square
+    resized = Image.fromarray(rgb).resize(
+        (size, size),
+        Image.Resampling.BICUBIC,
+        box=(x0, y0, x0 + side, y0 + side),
+        reducing_gap=None,
+    )
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def stored_crop(rgb, landmarks, size):
+    """THE crop function: a decoded photo and one face's landmarks (None: the whole image is
+    the face) -> the stored crop, size x size x 3 uint8, and its square in source pixels.
+    prepare_data.py stores it, infer.py and the checks make it from users' photos."""
+    h, w = rgb.shape[:2]
+    square = whole_square(w, h) if landmarks is None else face_square(landmarks, w, h)
+    return crop_square(rgb, square, size), square
+
+
+def model_view(stored, framing=1.0):
+    """The model's input from stored crops (uint8 N x 3 x S x S tensor or S x S x 3 array):
+    the centre VIEW * framing of the side (framing 1.25 = the face framed wider), resized to
+    the model size only when framing != 1 (at 1 it is an exact slice: no resampling)."""
+    import torch
+
+    is_tensor = isinstance(stored, torch.Tensor)
+    side_px = stored.shape[-1] if is_tensor else stored.shape[1]
+    model_size = round(side_px * VIEW)
+    crop = min(side_px, round(model_size * framing))
+    top = (side_px - crop) // 2
+    if is_tensor:
+        view = stored[..., top : top + crop, top : top + crop]
+        if crop != model_size:
+            from torchvision.transforms.v2 import functional as TF
+
+            view = TF.resize(view, [model_size, model_size], antialias=True)
+        return view.contiguous()
+    view = stored[top : top + crop, top : top + crop]
+    if crop != model_size:
+        view = crop_and_resize(np.ascontiguousarray(view), model_size)
+    return np.ascontiguousarray(view)
+
+
+def face_inputs(rgb, model_size, detector=None):
+    """[(box, model input model_size x model_size x 3 uint8)] for every face of a decoded photo,
+    largest first, made by the very chain that made the training data (stored_crop at
+    stored_size, then model_view). detector None: the whole image is one face (its box is the
+    centred square). box = (x0, y0, x1, y1): the detector's box in the photo's pixels."""
+    size = stored_size(model_size)
+    if detector is None:
+        crop, (x0, y0, side) = stored_crop(rgb, None, size)
+        return [((x0, y0, x0 + side, y0 + side), model_view(crop))]
+    return [
+        (face["box"], model_view(stored_crop(rgb, face["landmarks"], size)[0]))
+        for face in detector(rgb)
+    ]
+
+
+class FaceDetector:
+    """MTCNN (facenet-pytorch: weights inside its wheel, loaded by torch.load, whose default
+    is weights_only=True) -> faces of a decoded photo, largest first. Each face is a dict:
+    box (x0, y0, x1, y1), landmarks (5 x 2), score. Faces scored below min_score are dropped."""
+
+    def __init__(self, device="cpu", min_score=FACE_MIN_SCORE, max_side=DETECT_MAX_SIDE):
+        from facenet_pytorch import MTCNN
+
+        self.mtcnn = MTCNN(keep_all=True, select_largest=True, device=device)
+        self.min_score, self.max_side = min_score, max_side
+
+    def __call__(self, rgb):
+        h, w = rgb.shape[:2]
+        scale = min(1.0, self.max_side / max(h, w))
+        small = rgb
+        if scale < 1:
+            small = np.asarray(
+                Image.fromarray(rgb).resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+            )
+        boxes, scores, points = self.mtcnn.detect(small, landmarks=True)
+        if boxes is None:
+            return []
+        faces = [
+            {"box": box / scale, "landmarks": pts / scale, "score": float(score)}
+            for box, score, pts in zip(boxes, scores, points)
+            if score >= self.min_score
+        ]
+        return sorted(
+            faces, key=lambda f: -(f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])
+        )
 
 
 def to_model_input(images_uint8):
@@ -198,35 +333,61 @@ def manifest_hash(data_dir):
     return hashlib.sha256((Path(data_dir) / "manifest.csv").read_bytes()).hexdigest()
 
 
-def load_rows(rows, size, crop=1.0, progress=False, desc="load"):
-    """Decode manifest rows (each with a 'file') into uint8 N x 3 x size x size, by load_image."""
+def load_rows(rows, framing=1.0, progress=False, desc="load"):
+    """Decode the stored crops of manifest rows (each with a 'file') into uint8 N x 3 x S x S:
+    the model's view of them (model_view at framing; 1 = canonical), or with framing=None the
+    stored crops themselves (train.py frames those at random)."""
     import torch
     from tqdm import tqdm
 
-    images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
+    images = None
     for i, row in enumerate(tqdm(rows, desc=desc, disable=not progress, leave=False)):
         try:
-            images[i] = load_image(row["file"], size, crop)
+            rgb = decode_image(row["file"])
         except BadImage as exc:
             raise SystemExit(f"error: {row['file']}: {exc}") from None
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        if images is None:
+            images = np.empty((len(rows), *rgb.shape), dtype=np.uint8)
+        if rgb.shape != images.shape[1:]:
+            raise SystemExit(
+                f"error: {row['file']} is {rgb.shape[1]}x{rgb.shape[0]}, the others "
+                f"{images.shape[2]}x{images.shape[1]}: re-run prepare_data.py"
+            )
+        images[i] = rgb
+    if images is None:
+        raise SystemExit("error: no images to load")
+    stored = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return stored if framing is None else model_view(stored, framing)
 
 
-def load_split(data_dir, split, size=None, crop=1.0, progress=False):
-    """Decode one split of a prepared dataset into memory: (uint8 N x 3 x H x W, labels, rows)."""
+def load_split(data_dir, split, framing=1.0, progress=False, model_size=None):
+    """One split of a prepared dataset in memory: (uint8 N x 3 x H x W, labels, rows), the
+    model's view (or the stored crops with framing=None). model_size: the side the model
+    takes; a dataset made for another one is refused."""
     import torch
 
     rows = read_manifest(data_dir, split)
     if not rows:
         raise SystemExit(f"error: split '{split}' of {data_dir} holds no images")
-    if size is None:
-        try:
-            size = decode_image(rows[0]["file"]).shape[0]
-        except BadImage as exc:
-            raise SystemExit(f"error: {rows[0]['file']}: {exc}") from None
-    images = load_rows(rows, size, crop, progress, desc=f"load {split}")
+    images = load_rows(rows, framing, progress, desc=f"load {split}")
+    if (
+        model_size is not None
+        and round(images.shape[-1] * (VIEW if framing is None else 1)) != model_size
+    ):
+        raise SystemExit(
+            f"error: {data_dir} was prepared for another input size than the model's "
+            f"{model_size} px; prepare it with --size {model_size}"
+        )
     labels = torch.tensor([CLASS_NAMES.index(r["label"]) for r in rows])
     return images, labels, rows
+
+
+def read_summary(data_dir):
+    """DATA/summary.json (prepare_data.py's settings and counts), {} when absent."""
+    import json
+
+    path = Path(data_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # ---------------------------------------------------------------- perturbations

@@ -32,9 +32,11 @@ from tqdm import tqdm
 from common import (
     CLASS_NAMES,
     PERTURBATIONS,
+    VIEW,
     atomic_write,
     load_split,
     manifest_hash,
+    model_view,
     perturb,
     pick_device,
     to_model_input,
@@ -189,6 +191,29 @@ def per_source_table(rows, prob, threshold):
     return table
 
 
+def crop_size_check(rows, prob, labels):
+    """Does the face's native size (its crop side in source pixels) tell the classes apart, and
+    does the model follow it? ROC-AUC of the side alone as a fake score (0.5: no signal), and
+    the Spearman correlation of prob_fake with the side within each class (near 0: the model
+    does not score big faces as more fake)."""
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    if not rows or not rows[0].get("crop_side"):
+        return None
+    sides = np.array([float(r["crop_side"]) * VIEW for r in rows])
+    labels, prob = np.asarray(labels), np.asarray(prob, dtype=float)
+    out = {
+        "side_alone_roc_auc": float(roc_auc_score(labels, sides)) if len(set(labels)) > 1 else None
+    }
+    for k, name in enumerate(CLASS_NAMES):
+        m = labels == k
+        varies = m.sum() > 2 and np.ptp(sides[m]) > 0 and np.ptp(prob[m]) > 0
+        rho = spearmanr(sides[m], prob[m]).statistic if varies else float("nan")
+        out[f"{name}_spearman_prob_vs_side"] = None if np.isnan(rho) else float(rho)
+    return out
+
+
 def mcnemar_exact(b, c):
     """Exact two-sided McNemar p-value: under H0 the b + c discordant pairs split 50/50."""
     from scipy.stats import binomtest
@@ -196,11 +221,20 @@ def mcnemar_exact(b, c):
     return 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
 
 
-def robustness(model, images, labels, threshold, device, batch_size=256):
-    """Accuracy and AUC on the clean split and after each perturbation."""
+FRAMINGS = (0.8, 1.25)  # the same face framed 0.8x (tighter) and 1.25x (wider) from its crop
+
+
+def robustness(model, stored, labels, threshold, device, batch_size=256):
+    """Accuracy and AUC on the clean split, after each perturbation of the model's view, and
+    with the face framed tighter / wider (model_view of the stored crops at FRAMINGS)."""
+    images = model_view(stored)
     results = []
-    for name in tqdm(["clean", *PERTURBATIONS], desc="robustness", leave=False):
-        x = images if name == "clean" else perturb(images, name, batch_size)
+    conditions = ["clean", *PERTURBATIONS, *(f"frame{f}" for f in FRAMINGS)]
+    for name in tqdm(conditions, desc="robustness", leave=False):
+        if name.startswith("frame"):
+            x = model_view(stored, float(name[len("frame") :]))
+        else:
+            x = images if name == "clean" else perturb(images, name, batch_size)
         prob, _ = predict(model, x, device, batch_size)
         m = compute_metrics(labels, prob, threshold)
         results.append({"condition": name, "accuracy": m["accuracy"], "roc_auc": m["roc_auc"]})
@@ -449,7 +483,7 @@ def compare_runs(paths, data=None, device=None, batch_size=256):
         for split in ("val", "test"):
             key = (manifest_hash(data_dir), split, ckpt["image_size"])
             if key not in cache:
-                cache[key] = load_split(data_dir, split, size=ckpt["image_size"])
+                cache[key] = load_split(data_dir, split, model_size=ckpt["image_size"])
             images, labels, _ = cache[key]
             prob, logits = predict(model.to(device), images, device, batch_size)
             m = compute_metrics(labels, prob, ckpt["threshold"])
@@ -593,6 +627,12 @@ def print_report(m, sources):
         "per source (shortcut audit)\n\n"
         + table(["source", "label", "n", "accuracy", "mean prob_fake"], rows)
     )
+    if c := m.get("crop_size_shortcut"):
+        print(
+            f"\nface size shortcut: the crop side alone separates the classes with ROC-AUC "
+            f"{_f(c['side_alone_roc_auc'])}; Spearman of prob_fake with the side: real "
+            f"{_f(c['real_spearman_prob_vs_side'])}, fake {_f(c['fake_spearman_prob_vs_side'])}"
+        )
 
 
 def evaluate_split(args, device):
@@ -601,11 +641,15 @@ def evaluate_split(args, device):
         print(f"checkpoint: {ckpt_path} (lowest validation loss under {args.runs}/)")
     data_dir = resolve_data(ckpt, args.data)
     manifest_ok = check_manifest(ckpt, data_dir)
-    images, labels, rows = load_split(data_dir, args.split, size=ckpt["image_size"], progress=True)
+    stored, labels, rows = load_split(
+        data_dir, args.split, framing=None, progress=True, model_size=ckpt["image_size"]
+    )
+    images = model_view(stored)
     threshold = float(ckpt["threshold"])
     prob, _ = predict(model.to(device), images, device, args.batch_size)
     metrics = compute_metrics(labels, prob, threshold)
     sources = per_source_table(rows, prob, threshold)
+    metrics["crop_size_shortcut"] = crop_size_check(rows, prob, labels)
     attention = "on" if ckpt["config"]["attention"] else "off"
     print(
         f"{ckpt_path} (attention {attention}, epoch {ckpt['epoch']}) on {data_dir} {args.split}: "
@@ -636,7 +680,7 @@ def evaluate_split(args, device):
     plot_per_source(sources, out / "per_source.png")
     plot_calibration(metrics, out / "calibration.png")
     if args.robustness:
-        report["robustness"] = robustness(model, images, labels, threshold, device, args.batch_size)
+        report["robustness"] = robustness(model, stored, labels, threshold, device, args.batch_size)
         cells = [
             [r["condition"], _f(r["accuracy"]), _f(r["roc_auc"])] for r in report["robustness"]
         ]

@@ -7,10 +7,10 @@
     python export.py --checkpoint ... --tensorrt --fp16                # + models/facecheck.fp16.engine
 
 The ONNX model (opset 17, so that TensorRT 8.6 on JetPack 5 parses it)
-    input     `input`      float32 N x 3 x S x S, RGB in [0, 1], N dynamic. Make it with
-                           common.load_image (EXIF rotation, any mode -> RGB, centred square crop,
-                           antialiased bicubic resize to S x S) and common.to_model_input; the
-                           mean/std normalisation is inside the graph.
+    input     `input`      float32 N x 3 x S x S, RGB in [0, 1], N dynamic: face crops made
+                           by common.face_inputs (MTCNN landmarks -> stored_crop -> model_view)
+                           and common.to_model_input; the mean/std normalisation is inside the
+                           graph.
     outputs   `logits`     float32 N x 2 (index 0 real, 1 fake)
               `prob_fake`  float32 N, softmax(logits)[:, 1]; "fake" when prob_fake >= threshold
     metadata  image_size, class_names, threshold, attention, manifest_sha256, preprocessing, ...
@@ -63,10 +63,12 @@ from model import CheckpointError, load_checkpoint
 PARITY_TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2  # FP16 carries ~3 significant digits; NaN or worse means overflow
 PREPROCESSING = (
-    "common.load_image: decode (EXIF orientation applied; any mode -> 8-bit RGB, alpha "
-    "composited on white), centred square crop of side min(H, W), antialiased bicubic resize "
-    "to image_size x image_size; then float32 = uint8 / 255, NCHW. Mean/std normalisation is "
-    "inside the model."
+    "common.FaceDetector (MTCNN) finds the faces (metadata 'faces': mtcnn; 'whole': the image "
+    "is the face); common.stored_crop frames each from its five landmarks (a square clamped "
+    "inside the photo, never padded, antialiased bicubic) and common.model_view takes its "
+    "centre image_size x image_size; then float32 = uint8 / 255, NCHW. Decoding: EXIF "
+    "orientation applied, any mode -> 8-bit RGB, alpha composited on white. Mean/std "
+    "normalisation is inside the model."
 )
 
 
@@ -120,6 +122,7 @@ def metadata_from_checkpoint(ckpt):
     return {
         "format": "facecheck",
         "image_size": ckpt["image_size"],
+        "faces": ckpt.get("faces", "whole"),
         "class_names": list(ckpt.get("class_names", CLASS_NAMES)),
         "threshold": ckpt["threshold"],
         "attention": bool(ckpt["config"]["attention"]),
@@ -293,7 +296,12 @@ def calibration_images(data_dir, size, count, seed=0):
     if not rows:
         raise ExportError(f"{data_dir} has no training images to calibrate on")
     pick = np.random.default_rng(seed).permutation(len(rows))[:count]
-    return load_rows([rows[i] for i in sorted(pick)], size)
+    images = load_rows([rows[i] for i in sorted(pick)])
+    if images.shape[-1] != size:
+        raise ExportError(
+            f"{data_dir} was prepared for {images.shape[-1]} px, the model takes {size}"
+        )
+    return images
 
 
 def quantize_int8(fp32_path, out_path, images, batch=32):
@@ -433,7 +441,7 @@ def write_int8(out, ckpt, data, count):
     path = out.with_suffix(".int8.onnx")
     calibration = calibration_images(data, size, count)
     quantize_int8(out, path, calibration)
-    images, labels, rows = load_split(data, "val", size=size)
+    images, labels, rows = load_split(data, "val", model_size=size)
     labels = labels.numpy()
     acc32, p32 = accuracy(ort_session(out), images, labels, threshold)
     acc8, p8 = accuracy(ort_session(path), images, labels, threshold)

@@ -1,29 +1,33 @@
-"""Classify face photos as real or AI-generated.
+"""Find every face in every photo and classify each as real or AI-generated.
 
-    python infer.py photos/                         # every image under photos/ -> predictions.csv
+    python infer.py photos/                         # every face under photos/ -> predictions.csv
     python infer.py a.jpg b.png --csv -             # CSV on stdout
     python infer.py photos/ --model runs/attention-off/best.pt --threshold 0.7
 
 The model decides the backend by its file type: .onnx runs in ONNX Runtime (TensorRT, CUDA or
 CPU provider, the first one available), .engine / .plan in TensorRT, .pt (a train.py checkpoint)
-in PyTorch. Input size, decision threshold and class names come from the model file (ONNX
-metadata, the engine's .json, the checkpoint), so nothing here has to match by hand.
+in PyTorch. Input size, face framing, decision threshold and class names come from the model
+file (ONNX metadata, the engine's .json, the checkpoint), so nothing here has to match by hand.
 
 Preprocessing is training's own, imported from common.py: EXIF orientation applied, any mode
-(grayscale, RGBA on white, CMYK, 16-bit, palette) to 8-bit RGB, then the CENTRED SQUARE of side
-min(height, width) is cropped and resized to the model's input size. A face away from the
-centre of a wide photo may be cut off: crop the photo to the face first.
+(grayscale, RGBA on white, CMYK, 16-bit, palette) to 8-bit RGB; MTCNN (common.FaceDetector)
+finds the faces, and each is framed from its five landmarks exactly as prepare_data.py framed
+the training faces (common.face_inputs). A model trained on already-cropped faces (metadata
+faces=whole) takes the centred square of each image instead.
 
 Folders are searched recursively for .jpg .jpeg .png .webp .bmp .gif; files named on the
-command line are tried whatever their extension. Files that cannot be used (empty, truncated,
-not an image, too many pixels) are listed with the reason and skipped. Decoding runs in a
-pool of --workers threads, a few batches ahead of the model.
+command line are tried whatever their extension. Decoding runs in a pool of --workers
+threads, a few images ahead of the face detector and the model.
 
-Output: CSV with columns path,prob_fake,label (label is real or fake: fake when prob_fake >=
-threshold), written atomically to --csv (default predictions.csv in the current folder; "-"
-prints it to stdout). A summary goes to stderr. Exit status 0 when at least one image was
-classified, 2 when a path does not exist, holds no images, no image could be read, or the
-model file is missing or unusable.
+Output: CSV, one row per face, largest face first (face 0), written atomically to --csv
+(default predictions.csv in the current folder; "-" prints it to stdout):
+    path, face, x0, y0, x1, y1, prob_fake, label, status
+x0..y1 is the face's box in the photo's pixels (after EXIF rotation); label is real or fake
+(fake when prob_fake >= threshold); status is ok. A photo without a face gets one row with
+status no_face and one that cannot be read one row with status unreadable (the reason goes
+to stderr); neither gets a guess. A summary goes to stderr. Exit status 0 when at least one
+file could be read, 2 when a path does not exist, holds no images, no file could be read,
+or the model file is missing or unusable.
 """
 
 import argparse
@@ -44,8 +48,9 @@ from common import (
     IMAGE_EXTENSIONS,
     BadImage,
     atomic_write,
+    decode_image,
+    face_inputs,
     find_images,
-    load_image,
     to_model_input,
 )
 
@@ -87,6 +92,7 @@ def parse_metadata(props, source):
             "threshold": float(props["threshold"]),
             "class_names": json.loads(props.get("class_names", json.dumps(CLASS_NAMES))),
             "precision": props.get("precision", "fp32"),
+            "faces": props.get("faces", "whole"),
         }
     except (KeyError, ValueError) as exc:
         raise InferError(f"{source}: unreadable facecheck metadata ({exc})") from None
@@ -193,6 +199,7 @@ def load_torch(path):
 
     meta = {
         "image_size": ckpt["image_size"],
+        "faces": ckpt.get("faces", "whole"),
         "threshold": ckpt["threshold"],
         "class_names": list(ckpt.get("class_names", CLASS_NAMES)),
         "precision": "fp32",
@@ -233,30 +240,30 @@ def collect_files(paths):
     return list(dict.fromkeys(files))
 
 
-def decode(path, size):
-    """(uint8 S x S x 3, None) or (None, reason): never raises."""
+def decode(path):
+    """(H x W x 3 uint8, None) or (None, reason): never raises."""
     try:
-        return load_image(path, size), None
+        return decode_image(path), None
     except BadImage as exc:
         return None, str(exc)
     except Exception as exc:
         return None, f"unreadable ({type(exc).__name__}: {exc})"
 
 
-def decode_ahead(files, size, workers, lookahead):
-    """Yield (path, image, reason) in order while up to lookahead files decode in threads
-    (PIL releases the GIL while decoding and resizing, so threads overlap with inference)."""
+def decode_ahead(files, workers, lookahead):
+    """Yield (path, rgb, reason) in order while up to lookahead files decode in threads
+    (PIL releases the GIL while decoding, so threads overlap with detection and inference)."""
     with ThreadPoolExecutor(workers) as pool:
         queue, todo = deque(), iter(files)
         for path in todo:
-            queue.append((path, pool.submit(decode, path, size)))
+            queue.append((path, pool.submit(decode, path)))
             if len(queue) >= lookahead:
                 break
         while queue:
             path, future = queue.popleft()
             following = next(todo, None)
             if following is not None:
-                queue.append((following, pool.submit(decode, following, size)))
+                queue.append((following, pool.submit(decode, following)))
             yield (path, *future.result())
 
 
@@ -266,29 +273,38 @@ def fake_probability(logits):
     return 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
 
 
-def classify(run, files, size, batch=32, workers=2, progress=None):
-    """[(path, prob_fake)] for the readable files and [(path, reason)] for the rest."""
-    results, skipped, paths, images = [], [], [], []
+def classify(run, files, size, detector=None, batch=32, workers=2, progress=None):
+    """Rows (dicts: path, face, x0, y0, x1, y1, prob_fake, status, reason) for every face of
+    every file, in file order, largest face first. detector None: the image is the face."""
+    rows, pending, images = [], [], []
 
     def flush():
         logits = run(to_model_input(np.stack(images)).numpy())
-        results.extend(zip(paths, fake_probability(logits).tolist()))
-        paths.clear()
+        for row, prob in zip(pending, fake_probability(logits).tolist()):
+            row["prob_fake"] = prob
+        pending.clear()
         images.clear()
 
-    for path, image, reason in decode_ahead(files, size, workers, lookahead=2 * batch + workers):
-        if image is None:
-            skipped.append((path, reason))
+    for path, rgb, reason in decode_ahead(files, workers, lookahead=batch + 2 * workers):
+        if rgb is None:
+            rows.append({"path": path, "face": "", "status": "unreadable", "reason": reason})
         else:
-            paths.append(path)
-            images.append(image)
-            if len(images) == batch:
-                flush()
+            faces = face_inputs(rgb, size, detector)
+            if not faces:
+                rows.append({"path": path, "face": "", "status": "no_face", "reason": ""})
+            for k, (box, image) in enumerate(faces):
+                x0, y0, x1, y1 = (round(float(v), 1) for v in box)
+                row = {"path": path, "face": k, "x0": x0, "y0": y0, "x1": x1, "y1": y1}
+                rows.append({**row, "status": "ok", "reason": ""})
+                pending.append(rows[-1])
+                images.append(image)
+                if len(images) == batch:
+                    flush()
         if progress is not None:
             progress.update()
     if images:
         flush()
-    return results, skipped
+    return rows
 
 
 def printable(path):
@@ -296,18 +312,33 @@ def printable(path):
     return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def write_predictions(destination, results, threshold, class_names):
+CSV_FIELDS = ["path", "face", "x0", "y0", "x1", "y1", "prob_fake", "label", "status"]
+
+
+def write_predictions(destination, rows, threshold, class_names):
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "prob_fake", "label"])
-    for path, prob in results:
-        label = class_names[1] if prob >= threshold else class_names[0]
-        writer.writerow([printable(path), f"{prob:.6f}", label])
+    writer.writerow(CSV_FIELDS)
+    for r in rows:
+        prob = r.get("prob_fake")
+        label = "" if prob is None else class_names[int(prob >= threshold)]
+        box = [r.get(k, "") for k in ("x0", "y0", "x1", "y1")]
+        prob_text = "" if prob is None else f"{prob:.6f}"
+        writer.writerow([printable(r["path"]), r["face"], *box, prob_text, label, r["status"]])
     text = buffer.getvalue()
     if destination == "-":
         sys.stdout.write(text)
     else:
         atomic_write(destination, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def make_detector(meta):
+    """The face detector the model's training data was framed with (None: whole images)."""
+    if meta.get("faces", "whole") != "mtcnn":
+        return None
+    from common import FaceDetector, pick_device
+
+    return FaceDetector(device=pick_device("auto"))
 
 
 def main(argv=None):
@@ -318,27 +349,32 @@ def main(argv=None):
     except InferError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    import torch  # noqa: F401  (to_model_input needs it: import it before the clock starts)
     from tqdm import tqdm
 
+    detector = make_detector(meta)
     threshold = meta["threshold"] if args.threshold is None else args.threshold
     start = time.perf_counter()
     with tqdm(
         total=len(files), unit="img", disable=args.quiet, file=sys.stderr, leave=False
     ) as bar:
-        results, skipped = classify(run, files, meta["image_size"], args.batch, args.workers, bar)
+        rows = classify(run, files, meta["image_size"], detector, args.batch, args.workers, bar)
     seconds = time.perf_counter() - start
-    for path, reason in skipped:
-        print(f"skipped {printable(path)}: {reason}", file=sys.stderr)
-    if not results:
+    for r in rows:
+        if r["status"] == "unreadable":
+            print(f"skipped {printable(r['path'])}: {r['reason']}", file=sys.stderr)
+    unreadable = sum(r["status"] == "unreadable" for r in rows)
+    if unreadable == len(files):
         print(f"error: none of the {len(files)} files could be read as an image", file=sys.stderr)
         return 2
-    write_predictions(args.csv, results, threshold, meta["class_names"])
-    fake = sum(prob >= threshold for _, prob in results)
+    write_predictions(args.csv, rows, threshold, meta["class_names"])
+    faces = [r for r in rows if r["status"] == "ok"]
+    fake = sum(r["prob_fake"] >= threshold for r in faces)
+    no_face = sum(r["status"] == "no_face" for r in rows)
     names = meta["class_names"]
-    print(f"classified {len(results)} images: {len(results) - fake} {names[0]}, {fake} {names[1]} "
-          f"(threshold {threshold:.4f}); skipped {len(skipped)}; {len(results) / seconds:.1f} images/s "
-          f"({meta['backend']}, {meta['precision']}, {args.workers} decoding threads)"
+    print(f"{len(files)} images: {len(faces)} faces ({len(faces) - fake} {names[0]}, {fake} {names[1]}; "
+          f"threshold {threshold:.4f}), {no_face} without a face, {unreadable} unreadable; "
+          f"{len(files) / seconds:.1f} images/s ({meta['backend']}, {meta['precision']}, "
+          f"faces: {meta.get('faces', 'whole')})"
           + ("" if args.csv == "-" else f"; wrote {args.csv}"), file=sys.stderr)  # fmt: skip
     return 0
 

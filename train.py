@@ -5,7 +5,8 @@
     python train.py --resume runs/attention-off/last.pt
 
 Class-weighted cross-entropy (or focal loss), the same augmentation for both classes
-(flip, resized crop of 40-100 % of the area, JPEG re-compression, Gaussian blur), AdamW with
+(flip, a random framing of the stored face crop, random down-and-up scaling, JPEG
+re-compression, Gaussian blur), AdamW with
 a one-cycle schedule, early stopping on validation loss. The run folder gets best.pt (lowest
 validation loss), last.pt (every epoch, atomically), history.csv and curves.png.
 Every checkpoint carries the model config, the decision threshold chosen on validation
@@ -38,6 +39,7 @@ from common import (
     manifest_hash,
     perturb,
     pick_device,
+    read_summary,
     to_model_input,
 )
 from model import (
@@ -138,10 +140,16 @@ def parse_args(argv=None):
         "--min-crop",
         type=float,
         default=0.4,
-        help="smallest area share of the random resized crop, i.e. zoom up to 1/sqrt(this) at "
-        "a random position (default 0.4: up to 1.58x; 1 = no crop). Every training fake is "
-        "FFHQ-aligned, so with 0.75 the model learned that framing: fakes cropped 1.5x tighter "
-        "were called real (-25 validation points); with 0.4 at most 1.1",
+        help="smallest area share of the stored crop that the random resized crop keeps "
+        "(default 0.4: the face framed from 1.25x (the whole stored crop) down to 0.79x of the "
+        "model's view, at a random position; the view itself is 0.64 of the area)",
+    )
+    p.add_argument(
+        "--rescale-p",
+        type=float,
+        default=0.5,
+        help="probability of random down-and-up scaling (to 35-100 %% of the side and back) per "
+        "training image (default 0.5)",
     )
     p.add_argument(
         "--stem-stride",
@@ -246,13 +254,23 @@ class EarlyStopping:
         return self.bad_epochs == 0
 
 
-def train_transform(size, degrade_p, jpeg_p, min_crop):
-    """Augmentation for both classes alike. JPEG and blur follow Wang et al. 2020:
-    they stop the detector from keying on one source's codec or sharpness."""
+def train_transform(size, degrade_p, jpeg_p, min_crop, rescale_p=0.0, min_scale=0.35):
+    """Augmentation for both classes alike, on the stored crops: a random square of
+    min_crop..1 of the stored area (the face framed between ~0.8x and 1.25x of the model's
+    view, at a random place) resized to size; random down-and-up scaling (the sources run
+    from ~70 px faces to 900 px ones: "upscaled = real" must not be an answer); JPEG and blur
+    as in Wang et al. 2020, so the detector cannot key on one source's codec or sharpness."""
+    down_up = v2.Compose(
+        [
+            v2.RandomResize(round(min_scale * size), size + 1, antialias=True),
+            v2.Resize(size, antialias=True),
+        ]
+    )
     return v2.Compose(
         [
             v2.RandomHorizontalFlip(),
             v2.RandomResizedCrop(size, scale=(min_crop, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomApply([down_up], p=rescale_p),
             v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.2, 1.2))], p=degrade_p),
             v2.RandomApply([v2.JPEG(quality=(60, 95))], p=jpeg_p),
         ]
@@ -351,6 +369,7 @@ def saved_train_args(ckpt):
     runs from before --jpeg-p re-compressed with the blur probability, --degrade-p."""
     args = dict(ckpt["train_args"])
     args.setdefault("jpeg_p", args["degrade_p"])
+    args.setdefault("rescale_p", 0.0)  # runs from before --rescale-p did not rescale
     return args
 
 
@@ -428,10 +447,11 @@ def main(argv=None):
         sys.exit(
             f"error: no dataset at {data_dir} (manifest.csv missing); run prepare_data.py first"
         )
-    train_images, train_labels, train_rows = load_split(data_dir, "train", progress=True)
+    train_images, train_labels, train_rows = load_split(data_dir, "train", None, progress=True)
     val_images, val_labels, val_rows = load_split(data_dir, "val", progress=True)
     val_sources = [r["source"] for r in val_rows]
-    size = train_images.shape[-1]
+    size = val_images.shape[-1]  # the model's view of the stored crops
+    faces = read_summary(data_dir).get("faces", "whole")
     data_hash = manifest_hash(data_dir)
 
     config = {
@@ -452,7 +472,7 @@ def main(argv=None):
     dataset = AugmentedImages(
         train_images,
         train_labels,
-        train_transform(size, args.degrade_p, args.jpeg_p, args.min_crop),
+        train_transform(size, args.degrade_p, args.jpeg_p, args.min_crop, args.rescale_p),
     )
     if args.sampler == "source-balanced":
         sampler = WeightedRandomSampler(
@@ -516,6 +536,7 @@ def main(argv=None):
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "class_names": list(CLASS_NAMES),
             "image_size": size,
+            "faces": faces,  # how prepare_data.py framed the data: infer.py must do the same
             "threshold": threshold,
             "threshold_rule": "validation, clean (until training ends)",
             "epoch": epoch,

@@ -14,6 +14,7 @@ images, the accuracy on those, and the accuracy on the remaining in-distribution
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +31,9 @@ from model import load_checkpoint, predict  # noqa: E402
 from train import parse_args as train_defaults  # noqa: E402
 from train import saved_train_args  # noqa: E402
 
-FIELDS = ["path", "label", "source", "split", "group", "original"]
 
-
-def score(model, ckpt, rows):
-    prob, _ = predict(model, load_rows(rows, ckpt["image_size"]), torch.device("cpu"))
+def score(model, rows):
+    prob, _ = predict(model, load_rows(rows), torch.device("cpu"))
     return prob.numpy()
 
 
@@ -67,7 +66,9 @@ def main(argv=None):
     # How every run must have been trained: as asked, and otherwise with today's default recipe
     # (the defaults move when a better recipe is found, and an older run must not slip in).
     defaults = vars(train_defaults([]))
-    wanted = {k: defaults[k] for k in ("degrade_p", "jpeg_p", "min_crop", "width", "loss")}
+    wanted = {
+        k: defaults[k] for k in ("degrade_p", "jpeg_p", "min_crop", "rescale_p", "width", "loss")
+    }
     patience = defaults["patience"] if args.patience is None else args.patience
     wanted |= {"epochs": args.epochs, "attention": args.attention, "patience": patience}
     results = []
@@ -76,8 +77,11 @@ def main(argv=None):
         subset.mkdir(exist_ok=True)
         if not (subset / "images").exists():
             os.symlink(data / "images", subset / "images")
-        kept = [{k: r[k] for k in FIELDS} for r in rows if r["source"] != held_out]
-        write_csv(subset / "manifest.csv", kept, FIELDS)
+        fields = [k for k in rows[0] if k != "file"]  # the manifest's own columns
+        kept = [{k: r[k] for k in fields} for r in rows if r["source"] != held_out]
+        write_csv(subset / "manifest.csv", kept, fields)
+        if (data / "summary.json").is_file():  # how the faces were framed: train.py reads it
+            shutil.copyfile(data / "summary.json", subset / "summary.json")
         run = Path(args.runs) / f"without-{held_out}"
         if not (run / "best.pt").exists():
             cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(subset), "--out", str(run),
@@ -90,10 +94,10 @@ def main(argv=None):
         if trained != wanted:
             sys.exit(f"error: {run} was trained with {trained}; remove it or pass another --runs")
         unseen = [r for r in rows if r["source"] == held_out]
-        prob_unseen = score(model, ckpt, unseen)
+        prob_unseen = score(model, unseen)
         # The other class's test images are part of the seen test split: decode and score once.
         seen_test = [r for r in rows if r["split"] == "test" and r["source"] != held_out]
-        prob_seen = score(model, ckpt, seen_test)
+        prob_seen = score(model, seen_test)
         labels_seen = np.array([r["label"] == "fake" for r in seen_test])
         is_fake = args.label == "fake"
         prob_other = prob_seen[labels_seen != is_fake]

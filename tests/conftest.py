@@ -73,7 +73,7 @@ def prepared(tmp_path_factory, raw_tree):
     prepare_data.main([
         "--real", str(raw_tree / "real" / "camera"), str(raw_tree / "real" / "people"),
         "--fake", str(raw_tree / "fake" / "ganA"), str(raw_tree / "fake" / "ganB"),
-        "--out", str(out), "--size", "32", "--workers", "2",
+        "--out", str(out), "--size", "32", "--faces", "whole", "--workers", "2",
     ])  # fmt: skip
     return out
 

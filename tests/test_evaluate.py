@@ -170,7 +170,12 @@ def test_evaluate_run_writes_everything(tiny_runs, prepared, tmp_path, capsys):
     # predictions.csv agrees with the reported accuracy at the stored threshold.
     correct = [p["pred"] == p["label"] for p in preds]
     assert np.mean(correct) == pytest.approx(m["accuracy"])
-    assert [r["condition"] for r in saved["robustness"]] == ["clean", *common.PERTURBATIONS]
+    framings = [f"frame{f}" for f in evaluate.FRAMINGS]
+    assert [r["condition"] for r in saved["robustness"]] == [
+        "clean",
+        *common.PERTURBATIONS,
+        *framings,
+    ]
     assert saved["robustness"][0]["accuracy"] == pytest.approx(m["accuracy"])
     assert len(saved["heatmaps"]) == 4
     text = capsys.readouterr().out

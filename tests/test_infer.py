@@ -4,12 +4,13 @@ import csv
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import synthetic_image
+from conftest import synthetic_image, write_source
 from onnx import TensorProto, helper
 from PIL import Image
 
@@ -96,27 +97,33 @@ def run(args, capsys):
 
 def test_folder_with_awkward_and_hostile_files(folder, models, tmp_path, capsys):
     out = tmp_path / "predictions.csv"
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
     rc, _, err = run(
         [folder, "--model", models["onnx"], "--csv", out, "--batch", "4", "--workers", "3"], capsys
     )
     assert rc == 0
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # inputs untouched
     with open(out, encoding="utf-8") as f:
-        assert f.readline().strip() == "path,prob_fake,label"
+        assert f.readline().strip() == "path,face,x0,y0,x1,y1,prob_fake,label,status"
     rows = read_csv(out)
-    assert sorted(r["path"] for r in rows) == sorted(str(folder / name) for name in AWKWARD)
-    for row in rows:
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert sorted(r["path"] for r in ok) == sorted(str(folder / name) for name in AWKWARD)
+    for row in ok:  # a model trained on whole images: one "face" per image, face 0
         prob = float(row["prob_fake"])
+        assert row["face"] == "0" and float(row["x1"]) > float(row["x0"])
         assert 0 <= prob <= 1 and row["label"] == (
             "fake" if prob >= models["threshold"] else "real"
         )
+    unreadable = {r["path"]: r for r in rows if r["status"] == "unreadable"}
+    assert set(unreadable) == {str(folder / name) for name in HOSTILE}
+    assert all(r["prob_fake"] == r["label"] == "" for r in unreadable.values())  # no guess
     for name, reason in HOSTILE.items():
         line = next(
             line for line in err.splitlines() if line.startswith(f"skipped {folder / name}")
         )
         assert reason.lower() in line.lower()
-    assert (
-        "Traceback" not in err and f"classified {len(AWKWARD)} images" in err and "images/s" in err
-    )
+    assert "Traceback" not in err and f"{len(AWKWARD)} faces" in err and "images/s" in err
+    assert f"{len(HOSTILE)} unreadable" in err
 
 
 def test_pt_and_onnx_agree(folder, models, tmp_path, capsys):
@@ -124,8 +131,8 @@ def test_pt_and_onnx_agree(folder, models, tmp_path, capsys):
     for kind in ("pt", "onnx"):
         out = tmp_path / f"{kind}.csv"
         assert run([folder, "--model", models[kind], "--csv", out, "--quiet"], capsys)[0] == 0
-        probs[kind] = {r["path"]: float(r["prob_fake"]) for r in read_csv(out)}
-    assert probs["pt"].keys() == probs["onnx"].keys()
+        probs[kind] = {r["path"]: float(r["prob_fake"]) for r in read_csv(out) if r["prob_fake"]}
+    assert probs["pt"].keys() == probs["onnx"].keys() and len(probs["pt"]) == len(AWKWARD)
     assert max(abs(probs["pt"][p] - probs["onnx"][p]) for p in probs["pt"]) <= 1e-4
 
 
@@ -135,23 +142,38 @@ def test_single_files_to_stdout_with_threshold(folder, models, capsys):
         [*files, "--model", models["onnx"], "--csv", "-", "--threshold", "0", "--quiet"], capsys
     )
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert rc == 0 and [r["path"] for r in rows] == [str(f) for f in files[:2]]
-    assert all(r["label"] == "fake" for r in rows) and "skipped 1" in err
+    assert rc == 0 and [r["path"] for r in rows] == [str(f) for f in files]
+    assert [r["status"] for r in rows] == ["ok", "ok", "unreadable"]
+    assert all(r["label"] == "fake" for r in rows[:2]) and "skipped" in err
 
 
-def test_decoding_is_training_preprocessing(folder, models):
-    """classify() sees exactly common.load_image's pixels: same probabilities as the model on them."""
-    from common import load_image, to_model_input
+def test_decoding_is_training_preprocessing(folder, models, tmp_path):
+    """classify() sees exactly the pixels prepare_data.py stores, framed as training frames them:
+    the same probabilities as the model on model_view of the stored crops."""
+    import prepare_data
+    from common import model_view, read_manifest, to_model_input
 
     run_model, meta = infer.load_model(models["pt"])
     files = [folder / name for name in AWKWARD]
-    results, skipped = infer.classify(run_model, files, meta["image_size"], batch=3, workers=2)
-    assert not skipped and [p for p, _ in results] == files
-    pixels = np.stack([load_image(f, meta["image_size"]) for f in files])
+    rows = infer.classify(run_model, files, meta["image_size"], batch=3, workers=2)
+    assert [r["path"] for r in rows] == files and {r["status"] for r in rows} == {"ok"}
+    # The same files through prepare_data.py (its own stored crops, written as PNG).
+    real, fake = tmp_path / "raw" / "real" / "mine", tmp_path / "raw" / "fake" / "other"
+    real.mkdir(parents=True)
+    for i, f in enumerate(files):
+        (real / f"{i:02d}{f.suffix}").write_bytes(f.read_bytes())
+    write_source(fake, "fake", 20, 7000)
+    prepare_data.main(["--real", str(real), "--fake", str(fake), "--out", str(tmp_path / "d"),
+                       "--size", str(meta["image_size"]), "--faces", "whole", "--workers", "1",
+                       "--phash-distance", "0"])  # fmt: skip
+    stored = {Path(r["original"]).stem: r["file"] for r in read_manifest(tmp_path / "d")}
+    pixels = np.stack(
+        [model_view(np.asarray(Image.open(stored[f"{i:02d}"]))) for i in range(len(files))]
+    )
     model, _ = load_checkpoint(models["pt"])
     with torch.inference_mode():
         expected = torch.softmax(model(to_model_input(pixels)), 1)[:, 1].numpy()
-    np.testing.assert_allclose([p for _, p in results], expected, atol=1e-6)
+    np.testing.assert_allclose([r["prob_fake"] for r in rows], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty_folder", "only_bad_files"])

@@ -35,7 +35,7 @@ def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(tmp_path, pr
         # photo counts as right when its prob_fake is BELOW the run's threshold.
         model, ckpt = load_checkpoint(tmp_path / "runs" / f"without-{held_out}" / "best.pt")
         unseen = [r for r in rows if r["source"] == held_out]
-        images = load_rows(unseen, ckpt["image_size"])
+        images = load_rows(unseen)
         prob = predict(model, images, torch.device("cpu"))[0].numpy()
         assert result["label"] == "real" and result["n_unseen"] == len(unseen)
         assert result["threshold"] == ckpt["threshold"]

@@ -166,13 +166,13 @@ def test_output_images_are_uniform_png(prepared):
     rows = read_rows(prepared)
     for r in rows[:20]:
         with Image.open(prepared / r["path"]) as im:
-            assert im.format == "PNG" and im.size == (32, 32) and im.mode == "RGB"
+            assert im.format == "PNG" and im.size == (40, 40) and im.mode == "RGB"
 
 
 def test_same_seed_same_manifest_bytes(raw_tree, prepared, tmp_path):
     args = ["--real", str(raw_tree / "real" / "camera"), str(raw_tree / "real" / "people"),
             "--fake", str(raw_tree / "fake" / "ganA"), str(raw_tree / "fake" / "ganB"),
-            "--size", "32", "--workers", "1"]  # fmt: skip
+            "--size", "32", "--faces", "whole", "--workers", "1"]  # fmt: skip
     prepare_data.main(args + ["--out", str(tmp_path / "again")])
     assert (tmp_path / "again" / "manifest.csv").read_bytes() == (
         prepared / "manifest.csv"
@@ -185,7 +185,7 @@ def test_same_seed_same_manifest_bytes(raw_tree, prepared, tmp_path):
 
 def test_rerun_into_same_folder_is_safe(raw_tree, tmp_path):
     args = ["--real", str(raw_tree / "real" / "camera"), "--fake", str(raw_tree / "fake" / "ganA"),
-            "--out", str(tmp_path / "out"), "--size", "32", "--workers", "1"]  # fmt: skip
+            "--out", str(tmp_path / "out"), "--size", "32", "--faces", "whole", "--workers", "1"]  # fmt: skip
     prepare_data.main(args)
     first = (tmp_path / "out" / "manifest.csv").read_bytes()
     prepare_data.main(args)
@@ -216,7 +216,7 @@ def test_duplicates_across_sources_and_classes(tmp_path):
     before = tree_digest(raw)
     out = tmp_path / "out"
     prepare_data.main(["--real", str(raw / "real" / "orig"), str(copies), "--fake", str(raw / "fake" / "gan"),
-                       "--out", str(out), "--size", "32", "--workers", "2"])  # fmt: skip
+                       "--out", str(out), "--size", "32", "--faces", "whole", "--workers", "2"])  # fmt: skip
     assert tree_digest(raw) == before  # inputs untouched
     rows = read_rows(out)
     kept_copies = [r for r in rows if r["source"] == "copies"]
@@ -239,7 +239,7 @@ def test_hostile_and_awkward_sources(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(ROOT / "prepare_data.py"), "--real", str(raw / "real" / "mixed"),
-         "--fake", str(raw / "fake" / "gan"), "--out", str(out), "--size", "32", "--workers", "1"],
+         "--fake", str(raw / "fake" / "gan"), "--out", str(out), "--size", "32", "--faces", "whole", "--workers", "1"],
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -269,7 +269,18 @@ def test_errors_are_one_line(tmp_path, case, expected):
     fake = tmp_path / "fake"
     write_source(fake, "fake", 3, 50)
     out = tmp_path / "out"
-    args = ["--real", str(real), "--fake", str(fake), "--out", str(out), "--size", "32"]
+    args = [
+        "--real",
+        str(real),
+        "--fake",
+        str(fake),
+        "--out",
+        str(out),
+        "--size",
+        "32",
+        "--faces",
+        "whole",
+    ]
     if case == "missing":
         args[3] = str(tmp_path / "nope")
     elif case == "empty_source":
