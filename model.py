@@ -28,7 +28,7 @@ from common import to_model_input
 
 DEFAULT_CONFIG = {
     "image_size": 128,
-    "widths": (24, 48, 96, 192),
+    "widths": (32, 64, 128, 256),
     "stem_stride": 2,
     "attention": True,
     "attention_key_channels": 16,

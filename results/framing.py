@@ -1,18 +1,16 @@
 """Does the detector depend on how the face is framed?
 
-    python results/framing.py models/facecheck.pt runs/recipes/blur0.6-jpeg0.7/best.pt
+    python results/framing.py models/facecheck.pt --split test --out results/framing.md
 
-Every fake in the shared faces is FFHQ-aligned (eyes at the same place, same scale), real
-photos are not all, so "exactly this framing" is a shortcut a detector can learn; cropping a
-fake tighter would then be enough to pass it off as real. For each validation image this
-re-makes the model input from the ORIGINAL file (no upsampling: the 256-512 px originals are
-still downscaled to 128 px) with the centred square of side crop * min(H, W), crop 1.0 to
-0.62, on top of the source's own preparation crop (LFW's 0.62), and reports the accuracy per
-source at each checkpoint's own threshold. Needs data/raw (the originals) next to data/faces.
+For each image of the split this re-makes the model input from the ORIGINAL photo, from the
+landmarks prepare_data.py recorded, with the face square scaled by each of FRAMINGS (0.8 =
+framed tighter, 1.25 = wider: more hair and background; clamped inside the photo like every
+crop), resized straight to the model's input, and reports accuracy per source and overall at
+each checkpoint's own threshold, next to the change from framing 1.0. Needs the originals
+(data/raw) where the manifest says they are.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,14 +22,34 @@ sys.path.insert(0, str(ROOT))
 
 from common import (  # noqa: E402
     CLASS_NAMES,
+    STORE_SCALE,
+    VIEW,
     atomic_write,
-    crop_and_resize,
+    crop_square,
     decode_image,
+    face_square,
     read_manifest,
+    whole_square,
 )
 from model import load_checkpoint, predict  # noqa: E402
 
-CROPS = (1.0, 0.9, 0.8, 0.7, 0.62)
+FRAMINGS = (0.8, 0.9, 1.0, 1.1, 1.25)
+
+
+def framed_inputs(rows, originals, size, framing):
+    """The model input of every row from its original photo, the face square scaled by framing."""
+    images = []
+    for row, rgb in zip(rows, originals):
+        h, w = rgb.shape[:2]
+        if row.get("landmarks"):
+            pts = np.array(row["landmarks"].split(), dtype=float)
+            square = face_square(pts, w, h, scale=STORE_SCALE * VIEW * framing)
+        else:  # a whole-image dataset: the centred square, scaled
+            x0, y0, side = whole_square(w, h)
+            side = min(side * VIEW * framing, w, h)
+            square = ((w - side) / 2, (h - side) / 2, side)
+        images.append(crop_square(rgb, square, size))
+    return np.stack(images)
 
 
 def main(argv=None):
@@ -40,46 +58,47 @@ def main(argv=None):
     )
     p.add_argument("checkpoints", nargs="+", help="checkpoints to compare")
     p.add_argument("--data", default="data/faces", help="prepared dataset (default data/faces)")
-    p.add_argument("--split", default="val", help="default val")
+    p.add_argument("--split", default="test", help="default test")
     p.add_argument("--out", default="results/framing.md", help="default results/framing.md")
     args = p.parse_args(argv)
 
     rows = read_manifest(args.data, args.split)
-    summary = json.loads((Path(args.data) / "summary.json").read_text())
-    prep_crop = {s["source"]: s["crop"] for s in summary["sources"]}  # prepare_data.py's --crop
     originals = []
     for row in rows:
-        original = ROOT / row["original"]
+        original = Path(row["original"])
+        original = original if original.is_absolute() else ROOT / original
         if not original.is_file():
-            sys.exit(f"error: {original} not found; this check needs the originals in data/raw")
+            sys.exit(f"error: {original} not found; this check needs the original photos")
         originals.append(decode_image(original))
     labels = np.array([CLASS_NAMES.index(r["label"]) for r in rows])
     sources = np.array([r["source"] for r in rows])
+    names = ["all", *sorted(np.unique(sources), key=lambda s: (labels[sources == s][0], s))]
     lines = [
-        f"Accuracy per {args.split} source when the face is framed tighter (centre crop of the "
-        "original on top of the source's preparation crop, then the usual resize to the "
-        "model's input), at each checkpoint's own threshold.\n",
-        "| checkpoint | source | " + " | ".join(f"crop {c}" for c in CROPS) + " |",
-        "|---|---|" + "---|" * len(CROPS),
+        f"Accuracy on the {args.split} split when the face is framed tighter (0.8x) or wider "
+        "(1.25x) than the model's view, re-cropped from the original photo with the recorded "
+        "landmarks and resized straight to the model's input, at each checkpoint's own "
+        "threshold. In brackets: the change from framing 1.0, in points.\n",
+        "| checkpoint | source | n | " + " | ".join(f"framing {f}" for f in FRAMINGS) + " |",
+        "|---|---|---|" + "---|" * len(FRAMINGS),
     ]
     for path in args.checkpoints:
         model, ckpt = load_checkpoint(path)
         size, threshold = ckpt["image_size"], ckpt["threshold"]
         acc = {}
-        for crop in CROPS:
-            images = np.stack(
-                [
-                    crop_and_resize(rgb, size, crop * prep_crop[row["source"]])
-                    for row, rgb in zip(rows, originals)
-                ]
-            )
+        for framing in FRAMINGS:
+            images = framed_inputs(rows, originals, size, framing)
             prob, _ = predict(model, images, torch.device("cpu"))  # N x H x W x 3 is accepted
             correct = (prob.numpy() >= threshold) == (labels == 1)
-            for source in np.unique(sources):
-                acc[source, crop] = correct[sources == source].mean()
-        for source in np.unique(sources):
-            cells = " | ".join(f"{acc[source, c]:.2f}" for c in CROPS)
-            lines.append(f"| {path} | {source} | {cells} |")
+            for name in names:
+                acc[name, framing] = correct[(sources == name) | (name == "all")].mean()
+        for name in names:
+            cells = [
+                f"{acc[name, f]:.3f}"
+                + ("" if f == 1.0 else f" ({100 * (acc[name, f] - acc[name, 1.0]):+.1f})")
+                for f in FRAMINGS
+            ]
+            n = int(((sources == name) | (name == "all")).sum())
+            lines.append(f"| {path} | {name} | {n} | {' | '.join(cells)} |")
     text = "\n".join(lines) + "\n"
     print(text)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
