@@ -2,7 +2,7 @@
 (Q/DQ) ONNX model, an FP16 ONNX model and a TensorRT engine.
 
     python export.py --checkpoint runs/attention-off/best.pt --out models/facecheck.onnx
-    python export.py --checkpoint ... --int8 --calib-data data/faces   # + models/facecheck.int8.onnx
+    python export.py --checkpoint ... --int8 --calib-data data/faces   # + .int8.onnx, .int8-trt.onnx
     python export.py --checkpoint ... --fp16                           # + models/facecheck.fp16.onnx
     python export.py --checkpoint ... --tensorrt --fp16                # + models/facecheck.fp16.engine
 
@@ -31,8 +31,9 @@ and TensorRT version that built it, so build it there):
   FP16, TensorRT 10.x strongly typed or 11.x (precision comes from the FP16 ONNX; on 11.x
   strong typing is always on, drop --stronglyTyped):
           trtexec --onnx=models/facecheck.fp16.onnx --saveEngine=models/facecheck.fp16.engine $shapes --stronglyTyped
-  INT8 from the Q/DQ model (attention is not quantised, so it stays FP32; 11.x: drop --int8):
-          trtexec --onnx=models/facecheck.int8.onnx --saveEngine=models/facecheck.int8.engine $shapes --int8
+  INT8 from the TensorRT Q/DQ model (float biases; attention is not quantised, so it stays
+  FP32; 11.x: drop --int8); models/facecheck.int8.onnx is the ONNX Runtime CPU model:
+          trtexec --onnx=models/facecheck.int8-trt.onnx --saveEngine=models/facecheck.int8.engine $shapes --int8
 infer.py reads an engine's metadata from <engine>.json (written by --tensorrt) or, failing
 that, from models/facecheck.onnx next to it.
 """
@@ -199,8 +200,36 @@ def probability_gap(session, model, image_size, batches=(1, 8)):
     return gap
 
 
+def lowest_ir_version(proto):
+    """Give proto the lowest ONNX IR version its opsets allow (IR 8 for opset 17), in place.
+    onnx >= 1.16 saves IR 10, which ONNX Runtime <= 1.17 (IR <= 9; 1.15-1.17 are the releases
+    built against TensorRT 8.6, onnxruntime.ai TensorRT EP requirements table) and the ONNX
+    parsers of older TensorRT releases refuse. metadata_props on nodes, graphs, values and
+    functions are IR 10 fields: they are dropped (the model's own metadata_props stay)."""
+
+    def strip(graph):
+        for item in [graph, *graph.node, *graph.input, *graph.output, *graph.value_info,
+                     *graph.initializer]:  # fmt: skip
+            if hasattr(item, "metadata_props"):
+                del item.metadata_props[:]
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in [attr.g, *attr.graphs] if attr.g.ByteSize() or attr.graphs else []:
+                    strip(sub)
+
+    strip(proto.graph)
+    for function in proto.functions:
+        del function.metadata_props[:]
+        for node in function.node:
+            del node.metadata_props[:]
+    proto.ir_version = helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    return proto
+
+
 def save_checked(proto, path, check=None):
-    """Write proto atomically: onnx.checker (full) and check(tmp_path) must pass first."""
+    """Write proto atomically at the lowest IR version its opsets allow: onnx.checker (full)
+    and check(tmp_path) must pass first."""
+    lowest_ir_version(proto)
 
     def write(tmp):
         onnx.save(proto, tmp)
@@ -296,12 +325,39 @@ def calibration_images(data_dir, size, count, seed=0):
     return load_rows([rows[i] for i in sorted(pick)], size)
 
 
-def quantize_int8(fp32_path, out_path, images, batch=32):
+def scalar_constant_nodes(model):
+    """Nodes with a 0-D float constant input, e.g. the high-pass branch's Mul by 4.0. Left to
+    quantize_static, such a constant becomes a 0-D INT8 weight behind a DequantizeLinear, which
+    TensorRT 8.x's ONNX parser rejects; excluded from quantisation, the Mul stays in float."""
+    graph = model.graph
+    scalars = {t.name for t in graph.initializer if not t.dims}
+    scalars |= {
+        o
+        for n in graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value" and not a.t.dims
+        for o in n.output
+    }
+    return [n.name for n in graph.node if n.op_type != "Constant" and scalars & set(n.input)]
+
+
+def quantize_int8(fp32_path, out_path, images, batch=32, target="cpu"):
     """Static Q/DQ quantisation calibrated on uint8 images (torch N x 3 x S x S or numpy N x S x S x 3): symmetric INT8
     activations and per-channel weights (TensorRT accepts only zero points of 0), attention
-    left in float so its softmax keeps full precision."""
+    left in float so its softmax keeps full precision.
+
+    target "tensorrt": biases stay float (extra_options QuantizeBias=False, documented in
+    onnxruntime.quantization.quantize_static: "If False, it remains floating-point bias"):
+    TensorRT's parser refuses an INT32 DequantizeLinear ("only activation types allowed as
+    input to this layer", onnx/onnx-tensorrt#850, microsoft/onnxruntime#17738), and nodes with
+    a 0-D constant input stay unquantised (scalar_constant_nodes). target "cpu": biases INT32,
+    which ONNX Runtime's CPU kernels fuse into QLinearConv; not for TensorRT."""
     from onnxruntime.quantization import CalibrationDataReader as Reader
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    if target not in ("tensorrt", "cpu"):
+        raise ValueError(f"target must be tensorrt or cpu, not {target!r}")
 
     class Batches(Reader):
         def __init__(self):
@@ -314,6 +370,10 @@ def quantize_int8(fp32_path, out_path, images, batch=32):
 
     fp32 = onnx.load(str(fp32_path))
     exclude = [n.name for n in fp32.graph.node if is_attention(n)]
+    options = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    if target == "tensorrt":
+        exclude += [name for name in scalar_constant_nodes(fp32) if name not in exclude]
+        options["QuantizeBias"] = False
 
     def write(tmp):
         # quantize_static logs a "consider pre-processing" warning; quant_pre_process was measured
@@ -324,13 +384,14 @@ def quantize_int8(fp32_path, out_path, images, batch=32):
             quantize_static(
                 str(fp32_path), tmp, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+                extra_options=options,
             )  # fmt: skip
         finally:
             root.setLevel(level)
         quantized = onnx.load(tmp)
-        set_metadata(quantized, {p.key: p.value for p in fp32.metadata_props}, "int8")
-        onnx.save(quantized, tmp)
+        meta = {p.key: p.value for p in fp32.metadata_props}
+        set_metadata(quantized, {**meta, "quantized_for": target}, "int8")
+        onnx.save(lowest_ir_version(quantized), tmp)
         onnx.checker.check_model(tmp, full_check=True)
 
     atomic_write(out_path, write)
@@ -426,21 +487,26 @@ def write_fp16(out, model, size):
 
 
 def write_int8(out, ckpt, data, count):
-    """INT8 model calibrated on data's train split; prints the val accuracy change."""
+    """Two INT8 models calibrated on data's train split: <out>.int8.onnx for ONNX Runtime on a
+    CPU (INT32 biases) and <out>.int8-trt.onnx for TensorRT (float biases, no 0-D Q/DQ); prints
+    each one's val accuracy change (both measured with ONNX Runtime on this CPU).
+    Returns {"int8": TensorRT model, "int8-cpu": CPU model}."""
     size, threshold, data = ckpt["image_size"], ckpt["threshold"], Path(data)
     if ckpt.get("manifest_sha256") and manifest_hash(data) != ckpt["manifest_sha256"]:
         print(f"warning: {data} is not the dataset this model was trained on", file=sys.stderr)
-    path = out.with_suffix(".int8.onnx")
+    paths = {"int8-cpu": out.with_suffix(".int8.onnx"), "int8": out.with_suffix(".int8-trt.onnx")}
     calibration = calibration_images(data, size, count)
-    quantize_int8(out, path, calibration)
     images, labels, rows = load_split(data, "val", size=size)
     labels = labels.numpy()
     acc32, p32 = accuracy(ort_session(out), images, labels, threshold)
-    acc8, p8 = accuracy(ort_session(path), images, labels, threshold)
-    print(f"wrote {path}: calibrated on {len(calibration)} train images; val accuracy "
-          f"fp32 {acc32:.4f} -> int8 {acc8:.4f} ({100 * (acc8 - acc32):+.2f} points on "
-          f"{len(rows)} images); max |prob difference| {np.abs(p8 - p32).max():.4f}")  # fmt: skip
-    return path
+    for key, target in (("int8-cpu", "cpu"), ("int8", "tensorrt")):
+        quantize_int8(out, paths[key], calibration, target=target)
+        acc8, p8 = accuracy(ort_session(paths[key]), images, labels, threshold)
+        print(f"wrote {paths[key]} (for {'TensorRT' if target == 'tensorrt' else 'ONNX Runtime CPU'}): "
+              f"calibrated on {len(calibration)} train images; val accuracy "
+              f"fp32 {acc32:.4f} -> int8 {acc8:.4f} ({100 * (acc8 - acc32):+.2f} points on "
+              f"{len(rows)} images); max |prob difference| {np.abs(p8 - p32).max():.4f}")  # fmt: skip
+    return paths
 
 
 def main(argv=None):
@@ -465,7 +531,7 @@ def main(argv=None):
         if args.fp16:
             paths["fp16"] = write_fp16(out, model, size)
         if args.int8:
-            paths["int8"] = write_int8(out, ckpt, args.calib_data, args.calib_count)
+            paths.update(write_int8(out, ckpt, args.calib_data, args.calib_count))
         if args.tensorrt:
             precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
             suffix = ".engine" if precision == "fp32" else f".{precision}.engine"
