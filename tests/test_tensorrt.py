@@ -456,6 +456,51 @@ def test_engine_load_exceptions_are_one_line(onnx_models, fake_trt, tmp_path, ca
     assert len(err.splitlines()) == 1 and "std::bad_alloc" in err and "rebuild" in err
 
 
+# Defect 9: the ONNX Runtime TensorRT EP gets an engine cache and a profile.
+
+
+def test_onnxruntime_tensorrt_ep_options(onnx_models, monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    seen, real = [], ort.InferenceSession
+
+    class Session:  # records the providers, runs on the CPU
+        def __init__(self, path, providers):
+            seen.append(providers)
+            self.inner = real(path, providers=["CPUExecutionProvider"])
+            self.names = [p if isinstance(p, str) else p[0] for p in providers]
+
+        def get_providers(self):
+            return self.names
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    monkeypatch.setenv("FACECHECK_TRT_CACHE", str(tmp_path / "cache"))
+    for _ in range(2):  # the second load finds the same cache
+        run, meta = infer.load_model(onnx_models["paths"]["int8"])
+    assert seen[0] == seen[1]
+    name, options = seen[0][0]
+    assert name == "TensorrtExecutionProvider" and [p for p in seen[0][1:]] == available[1:]
+    assert options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]
+    assert (
+        options["trt_engine_cache_path"] == str(tmp_path / "cache")
+        and (tmp_path / "cache").is_dir()
+    )
+    assert options["trt_profile_min_shapes"] == f"input:1x3x{SIZE}x{SIZE}"
+    assert options["trt_profile_max_shapes"] == f"input:64x3x{SIZE}x{SIZE}"
+    assert (
+        options["trt_int8_enable"] and meta["backend"] == "ONNX Runtime TensorrtExecutionProvider"
+    )
+    batch, contiguous = channels_last_batch(70)  # split at the profile's 64
+    np.testing.assert_allclose(
+        run(contiguous), ort_logits(onnx_models["paths"]["int8"], contiguous), atol=1e-6
+    )
+
+
 # Real hardware: only where tensorrt imports and a CUDA GPU is visible.
 
 
