@@ -5,14 +5,19 @@ parametrised group) per defect of issue 17, part 1; the real-GPU test at the end
 where tensorrt imports and CUDA is available."""
 
 import contextlib
+import glob
 import json
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import fake_tensorrt
 import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import ROOT
 from onnx import TensorProto, helper
 
 import export
@@ -499,6 +504,48 @@ def test_onnxruntime_tensorrt_ep_options(onnx_models, monkeypatch, tmp_path):
     np.testing.assert_allclose(
         run(contiguous), ort_logits(onnx_models["paths"]["int8"], contiguous), atol=1e-6
     )
+
+
+# Part 3: the inference path must run on a Jetson's Python (3.10 on JetPack 6, 3.8 on JetPack 5).
+
+INFERENCE_FILES = ["infer.py", "common.py", "model.py"]
+
+
+def test_inference_path_lints_for_python_38():
+    """ruff (pinned in requirements.txt, so CI always has it) with Python 3.8 as the target:
+    syntax newer than 3.8 (E9) and PEP 585/604 annotations that 3.8 would evaluate (FA102)."""
+    beside = Path(sys.executable).parent / "ruff"  # the virtual environment's
+    ruff = str(beside) if beside.is_file() else shutil.which("ruff")
+    result = subprocess.run([ruff, "check", "--no-cache", "--target-version", "py38",
+                             "--select", "E9,F,UP,FA", *INFERENCE_FILES],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:]
+
+
+def interpreter(version):
+    """A working python<version> (a pyenv shim that is not activated does not count), or None."""
+    candidates = [shutil.which(f"python{version}"), f"/usr/bin/python{version}",
+                  *sorted(glob.glob(str(Path.home() / f".pyenv/versions/{version}.*/bin/python")))]  # fmt: skip
+    for candidate in filter(None, candidates):
+        try:
+            result = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                    capture_output=True, text=True, timeout=30)  # fmt: skip
+        except OSError:
+            continue
+        if result.returncode == 0 and result.stdout.strip() == version:
+            return candidate
+    return None
+
+
+@pytest.mark.parametrize("version", ["3.10", "3.8"])
+def test_inference_path_compiles_on_jetson_python(version):
+    python = interpreter(version)
+    if python is None:
+        pytest.skip(f"no python{version} interpreter here (the ruff py38 check above still runs)")
+    code = "import sys\nfor f in sys.argv[1:]:\n    compile(open(f, encoding='utf-8').read(), f, 'exec')"
+    result = subprocess.run([python, "-c", code, *INFERENCE_FILES], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 # Real hardware: only where tensorrt imports and a CUDA GPU is visible.
