@@ -490,6 +490,16 @@ def build_engine(onnx_paths, engine_path, precision, image_size, max_batch=64):
     Returns a dict: tensorrt_version, onnx (the path used), pinned layers, typing, max_batch."""
     import tensorrt as trt  # here only: everything else works without TensorRT
 
+    try:
+        return _build_engine(trt, onnx_paths, engine_path, precision, image_size, max_batch)
+    except ExportError:
+        raise
+    except Exception as exc:  # whatever else TensorRT raises: one line, not a traceback
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ExportError(f"TensorRT {trt.__version__}: {type(exc).__name__}: {first}") from None
+
+
+def _build_engine(trt, onnx_paths, engine_path, precision, image_size, max_batch):
     if not 1 <= max_batch <= MAX_BATCH_LIMIT:
         raise ExportError(f"max_batch must be between 1 and {MAX_BATCH_LIMIT}, not {max_batch}")
     strong = strongly_typed(trt)

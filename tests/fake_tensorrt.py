@@ -21,7 +21,8 @@ outputs with ONNX Runtime on that ONNX file and writes them to the registered ou
 On CPU tensors (see the cpu_cuda fixture) those addresses are real process memory.
 
 Faults for tests: module.faults = {"set_input_shape": True, "set_tensor_address": True,
-"execute": True, "build_raises": "message", "deserialize_raises": "message"} and engine
+"execute": True, "build_raises": "message", "set_shape_raises": "message",
+"deserialize_raises": "message"} and engine
 overrides at build time, module.engine_overrides = {"input_dtype": "HALF", "min_batch": 4,
 "format": "CHW32", "input_name": "images", "image_size": 64}.
 """
@@ -252,6 +253,8 @@ def make_module(version="10.3.0"):
             self.shapes = {}
 
         def set_shape(self, name, low, opt, high):
+            if trt.faults.get("set_shape_raises"):
+                raise TypeError(trt.faults["set_shape_raises"])
             low, opt, high = tuple(low), tuple(opt), tuple(high)
             trt.record["profile"] = {"name": name, "min": low, "opt": opt, "max": high}
             if not all(0 < a <= b <= c for a, b, c in zip(low, opt, high)):

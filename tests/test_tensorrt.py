@@ -448,6 +448,18 @@ def test_tensorrt_exceptions_are_one_line(checkpoint, fake_trt, tmp_path, capsys
     assert "RuntimeError: CUDA initialization failure with error: 35" in err
 
 
+def test_any_tensorrt_exception_in_the_build_is_one_line(onnx_models, fake_trt, tmp_path):
+    trt = fake_trt("8.6.1")
+    trt.faults["set_shape_raises"] = (
+        "set_shape(): incompatible function arguments.\nInvoked with: ..."
+    )
+    with pytest.raises(export.ExportError) as exc:
+        export.build_engine(onnx_models["paths"], tmp_path / "m.engine", "fp32", SIZE)
+    assert (
+        str(exc.value) == "TensorRT 8.6.1: TypeError: set_shape(): incompatible function arguments."
+    )
+
+
 def test_engine_load_exceptions_are_one_line(onnx_models, fake_trt, tmp_path, capsys):
     trt = fake_trt("10.3.0")
     engine = build(onnx_models["paths"], tmp_path)
