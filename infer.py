@@ -360,6 +360,9 @@ def load_engine(path):
             logits.append(out["logits"].float().cpu().numpy())
         return np.concatenate(logits)
 
+    # One warm-up image at load time: a context that cannot run fails here, inside the caller's
+    # model-loading error handling, and the first real batch does not pay TensorRT's lazy setup.
+    run(np.zeros((1, 3, meta["image_size"], meta["image_size"]), np.float32))
     meta["backend"] = f"TensorRT {trt.__version__}"
     return run, meta
 

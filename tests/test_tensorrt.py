@@ -134,8 +134,8 @@ def test_engine_gets_a_contiguous_nchw_buffer(onnx_models, fake_trt, tmp_path):
     batch, contiguous = channels_last_batch(10)
     assert not batch.flags["C_CONTIGUOUS"]  # the layout that went wrong
     logits = run(batch)  # 10 images through a max-batch-4 engine: chunks 4, 4, 2
-    seen = trt.record["inputs"]  # the bytes behind each registered address, read as NCHW
-    assert [len(x) for x in seen] == [4, 4, 2]
+    seen = trt.record["inputs"][1:]  # the bytes behind each registered address, read as NCHW
+    assert [len(x) for x in seen] == [4, 4, 2]  # (after load's one-image warm-up)
     np.testing.assert_array_equal(np.concatenate(seen), contiguous)
     np.testing.assert_allclose(
         logits, ort_logits(onnx_models["paths"]["fp32"], contiguous), atol=1e-5
@@ -251,13 +251,27 @@ def test_tensorrt_call_failures_stop_with_a_message(onnx_models, fake_trt, tmp_p
         run(channels_last_batch(2)[0])
 
 
+def test_an_engine_that_cannot_run_fails_at_load_in_one_line(
+    onnx_models, fake_trt, tmp_path, capsys
+):
+    from conftest import synthetic_image
+
+    trt = fake_trt("10.3.0")
+    engine = build(onnx_models["paths"], tmp_path)
+    trt.faults["execute"] = True
+    synthetic_image("real", 0, 40).save(tmp_path / "a.png")
+    assert infer.main([str(tmp_path / "a.png"), "--model", str(engine), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "execute_async_v3 failed" in err
+
+
 def test_batches_are_split_at_the_engine_max(onnx_models, fake_trt, tmp_path):
     """(Not a defect: kept working.) Batches larger than the profile's max are split, so
     set_input_shape only ever sees shapes inside the profile."""
     trt = fake_trt("10.3.0")
     run, _ = infer.load_model(build(onnx_models["paths"], tmp_path, max_batch=2))
     assert run(channels_last_batch(5)[0]).shape == (5, 2)
-    assert [shape[0] for _, shape in trt.record["set_input_shape"]] == [2, 2, 1]
+    assert [shape[0] for _, shape in trt.record["set_input_shape"]] == [1, 2, 2, 1]  # warm-up first
 
 
 # Defect 4: the engine's input name, dtype, format and shape range are checked at load time;
