@@ -115,7 +115,9 @@ def ort_providers(path, available):
     input size), so the first run builds an engine and later runs load it instead of rebuilding
     (trt_engine_cache_enable / trt_engine_cache_path / trt_timing_cache_enable /
     trt_profile_{min,opt,max}_shapes: onnxruntime.ai/docs/execution-providers/
-    TensorRT-ExecutionProvider.html; the profile options exist from ONNX Runtime 1.15 on). A
+    TensorRT-ExecutionProvider.html). Older ONNX Runtime builds refuse options they do not know
+    ("Invalid TensorRT EP option", onnxruntime#21484): load_onnx then retries with the engine
+    cache alone (ORT_TRT_BASIC_OPTIONS). A
     Q/DQ model asks for INT8 (trt_int8_enable) so that TensorRT 8.6's weakly typed builder
     accepts its Q/DQ nodes; an FP16 ONNX is FP16 by itself, an FP32 one stays FP32."""
     providers = []
@@ -136,8 +138,7 @@ def ort_providers(path, available):
             {
                 "trt_engine_cache_enable": True,
                 "trt_engine_cache_path": str(cache),
-                "trt_timing_cache_enable": True,
-                "trt_timing_cache_path": str(cache),
+                "trt_timing_cache_enable": True,  # kept in trt_engine_cache_path (onnxruntime#17865)
                 "trt_profile_min_shapes": dims(1),
                 "trt_profile_opt_shapes": dims(min(32, ORT_TRT_MAX_BATCH)),
                 "trt_profile_max_shapes": dims(ORT_TRT_MAX_BATCH),
@@ -148,12 +149,22 @@ def ort_providers(path, available):
     return providers
 
 
+ORT_TRT_BASIC_OPTIONS = ("trt_engine_cache_enable", "trt_engine_cache_path")
+
+
 def load_onnx(path):
     import onnxruntime as ort
 
     providers = ort_providers(path, ort.get_available_providers())
     try:
-        session = ort.InferenceSession(str(path), providers=providers)
+        try:
+            session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as exc:
+            if not (isinstance(providers[0], tuple) and "option" in str(exc).lower()):
+                raise
+            name, options = providers[0]  # an older ONNX Runtime: the engine cache only
+            basic = {k: v for k, v in options.items() if k in ORT_TRT_BASIC_OPTIONS}
+            session = ort.InferenceSession(str(path), providers=[(name, basic), *providers[1:]])
     except Exception as exc:  # "... Load model from X failed:/src/model.cc:256 fn(...) reason"
         detail = (str(exc).strip().splitlines() or [""])[0].split("failed:")[-1]
         detail = detail.rsplit(") ", 1)[-1] if detail.startswith("/") else detail

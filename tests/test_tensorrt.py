@@ -526,9 +526,34 @@ def test_onnxruntime_tensorrt_ep_options(onnx_models, monkeypatch, tmp_path):
     assert (
         options["trt_int8_enable"] and meta["backend"] == "ONNX Runtime TensorrtExecutionProvider"
     )
+    assert (
+        "trt_timing_cache_path" not in options
+    )  # unknown to older ORT; the engine cache path serves
     batch, contiguous = channels_last_batch(70)  # split at the profile's 64
     np.testing.assert_allclose(
         run(contiguous), ort_logits(onnx_models["paths"]["int8"], contiguous), atol=1e-6
+    )
+
+
+def test_older_onnxruntime_gets_the_engine_cache_alone(onnx_models, monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    seen, real = [], ort.InferenceSession
+
+    def session(path, providers):
+        seen.append(providers)
+        if "trt_profile_min_shapes" in providers[0][1]:  # what ONNX Runtime 1.14 says
+            raise RuntimeError("Invalid TensorRT EP option: trt_profile_min_shapes")
+        return real(path, providers=["CPUExecutionProvider"])
+
+    available = ["TensorrtExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setenv("FACECHECK_TRT_CACHE", str(tmp_path / "cache"))
+    infer.load_model(onnx_models["paths"]["fp32"])
+    assert seen[1][0] == (
+        "TensorrtExecutionProvider",
+        {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "cache")},
     )
 
 
