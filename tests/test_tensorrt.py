@@ -216,7 +216,11 @@ def test_tensorrt_int8_model_keeps_biases_float(onnx_models):
 
 
 def test_cpu_int8_model_is_separate_and_both_run(onnx_models):
-    _, inits, dq, _, _ = qdq_facts(onnx_models["paths"]["int8-cpu"])
+    """(Kept, not a defect.) The ONNX Runtime CPU model keeps INT32 biases and per-channel
+    weights; both INT8 models run in ONNX Runtime close to FP32."""
+    _, inits, dq, _, weight_dq = qdq_facts(onnx_models["paths"]["int8-cpu"])
+    weights = [n for n in weight_dq if len(inits[n.input[0]].dims) >= 2]  # not the 0-D x4
+    assert weights and all(len(inits[n.input[1]].dims) == 1 for n in weights)
     assert [
         n
         for n in dq
