@@ -28,6 +28,7 @@ overrides at build time, module.engine_overrides = {"input_dtype": "HALF", "min_
 """
 
 import ctypes
+import importlib.machinery
 import json
 import types
 
@@ -65,6 +66,8 @@ def _enum(owner, *names):
 def make_module(version="10.3.0"):
     major, minor = (int(p) for p in version.split(".")[:2])
     trt = types.ModuleType("tensorrt")
+    # torch._dynamo looks up the spec of every module named like a backend it knows
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
     trt.__version__ = version
     trt.record = {"logs": [], "deprecated": [], "errors": []}
     trt.faults = {}
