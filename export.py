@@ -2,7 +2,7 @@
 (Q/DQ) ONNX model, an FP16 ONNX model and a TensorRT engine.
 
     python export.py --checkpoint runs/attention-off/best.pt --out models/facecheck.onnx
-    python export.py --checkpoint ... --int8 --calib-data data/faces   # + models/facecheck.int8.onnx
+    python export.py --checkpoint ... --int8 --calib-data data/faces   # + .int8.onnx, .int8-trt.onnx
     python export.py --checkpoint ... --fp16                           # + models/facecheck.fp16.onnx
     python export.py --checkpoint ... --tensorrt --fp16                # + models/facecheck.fp16.engine
 
@@ -20,21 +20,26 @@ PyTorch to 1e-4 in probability. Nodes of the attention block are named attention
 that precision rules (FP16 ONNX, INT8 exclusions, TensorRT constraints) can find them.
 
 TensorRT on a Jetson with trtexec (S = 128, batch profile 1..64; a .engine only runs on the GPU
-and TensorRT version that built it, so build it there):
+and TensorRT version that built it, so build it there). Every ONNX file is saved at IR 8, the
+lowest opset 17 allows, so that TensorRT 8.5/8.6 and ONNX Runtime <= 1.17 read it.
   shapes="--minShapes=input:1x3x128x128 --optShapes=input:32x3x128x128 --maxShapes=input:64x3x128x128"
   FP32:   trtexec --onnx=models/facecheck.onnx --saveEngine=models/facecheck.engine $shapes
-  FP16, TensorRT 8.6 / 10.x (builder flag; attention pinned to FP32 by layer name, as the parser
-  names layers after ONNX nodes; attention-on models only, check names with --dumpLayerInfo):
+  FP16, TensorRT 8.5 / 8.6 / 10.0-10.11 (builder flag; attention pinned to FP32 by layer name, as
+  the parser names layers after ONNX nodes; attention-on models only, check names with
+  --dumpLayerInfo):
           attn=attention/MatMul_0:fp32,attention/Mul_0:fp32,attention/Softmax_0:fp32,attention/MatMul_1:fp32
           trtexec --onnx=models/facecheck.onnx --saveEngine=models/facecheck.fp16.engine $shapes \\
               --fp16 --precisionConstraints=obey --layerPrecisions=$attn --layerOutputTypes=$attn
-  FP16, TensorRT 10.x strongly typed or 11.x (precision comes from the FP16 ONNX; on 11.x
-  strong typing is always on, drop --stronglyTyped):
+  FP16 strongly typed, TensorRT 10.12+ (weak typing deprecated) or 11.x (always strongly typed:
+  drop --stronglyTyped); precision comes from the FP16 ONNX, attention already FP32 in it:
           trtexec --onnx=models/facecheck.fp16.onnx --saveEngine=models/facecheck.fp16.engine $shapes --stronglyTyped
-  INT8 from the Q/DQ model (attention is not quantised, so it stays FP32; 11.x: drop --int8):
-          trtexec --onnx=models/facecheck.int8.onnx --saveEngine=models/facecheck.int8.engine $shapes --int8
-infer.py reads an engine's metadata from <engine>.json (written by --tensorrt) or, failing
-that, from models/facecheck.onnx next to it.
+  INT8 from the TensorRT Q/DQ model (float biases; attention is not quantised, so it stays FP32).
+  8.5 / 8.6 / 10.0-10.11: --int8; 10.12+: --stronglyTyped instead; 11.x: neither:
+          trtexec --onnx=models/facecheck.int8-trt.onnx --saveEngine=models/facecheck.int8.engine $shapes --int8
+  (models/facecheck.int8.onnx is the ONNX Runtime CPU model: its INT32 biases stop TensorRT's parser.)
+infer.py reads an engine's metadata from <engine>.json (written by --tensorrt: the model's
+metadata, the engine's precision, TensorRT version, GPU and sha256, all checked before it runs)
+or, for a trtexec engine, from models/facecheck.onnx next to it.
 """
 
 import argparse
@@ -62,6 +67,7 @@ from model import CheckpointError, load_checkpoint
 
 PARITY_TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2  # FP16 carries ~3 significant digits; NaN or worse means overflow
+MAX_BATCH_LIMIT = 4096  # the engine's optimisation profile covers batches 1..--max-batch
 PREPROCESSING = (
     "common.FaceDetector (MTCNN) finds the faces (metadata 'faces': mtcnn; 'whole': the image "
     "is the face); common.stored_crop frames each from its five landmarks (a square clamped "
@@ -81,7 +87,7 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     # fmt: off
-    p.add_argument("--checkpoint", required=True, help="a best.pt written by train.py")
+    p.add_argument("--checkpoint", help="a best.pt written by train.py (not with --from-onnx)")
     p.add_argument("--out", default="models/facecheck.onnx", help="FP32 ONNX path (default %(default)s)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset >= 17 (default 17: TensorRT 8.6 parses up to 17)")
     p.add_argument("--int8", action="store_true", help="also write <out>.int8.onnx, statically Q/DQ-quantised (needs --calib-data)")
@@ -91,11 +97,32 @@ def parse_args(argv=None):
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (FP32, or --fp16 / --int8); needs tensorrt and a CUDA GPU")
     p.add_argument("--engine", help="engine path (default: <out> with .engine, .fp16.engine or .int8.engine)")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the engine accepts (default 64)")
+    p.add_argument("--from-onnx", action="store_true", help="with --tensorrt: build the engine from the ONNX files already exported (--out and its .fp16.onnx / .int8-trt.onnx), no checkpoint or PyTorch export (the route on a Jetson)")
     # fmt: on
     args = p.parse_args(argv)
     if args.opset < 17:
         p.error("--opset must be >= 17")
-    if args.int8 and not (args.calib_data and (Path(args.calib_data) / "manifest.csv").is_file()):
+    if not 1 <= args.max_batch <= MAX_BATCH_LIMIT:
+        p.error(f"--max-batch must be between 1 and {MAX_BATCH_LIMIT}")
+    if args.calib_count < 1:
+        p.error("--calib-count must be >= 1")
+    if args.engine and Path(args.engine).suffix.lower() not in (".engine", ".plan"):
+        p.error("--engine must end in .engine or .plan (infer.py picks the backend by suffix)")
+    if args.engine and not args.tensorrt:
+        p.error("--engine needs --tensorrt")
+    if args.from_onnx and not args.tensorrt:
+        p.error("--from-onnx builds an engine: it needs --tensorrt")
+    if args.from_onnx and args.checkpoint:
+        p.error("--from-onnx uses the exported ONNX files, not --checkpoint")
+    if not args.from_onnx and not args.checkpoint:
+        p.error("--checkpoint is required (or --tensorrt --from-onnx)")
+    if args.from_onnx and not Path(args.out).is_file():
+        p.error(f"--from-onnx: {args.out} not found (copy the exported models/ here first)")
+    if (
+        args.int8
+        and not args.from_onnx
+        and not (args.calib_data and (Path(args.calib_data) / "manifest.csv").is_file())
+    ):
         p.error("--int8 needs --calib-data DATA_DIR, a dataset made by prepare_data.py")
     if args.tensorrt and args.fp16 and args.int8:
         p.error("--tensorrt builds one engine: choose --fp16 or --int8")
@@ -202,8 +229,36 @@ def probability_gap(session, model, image_size, batches=(1, 8)):
     return gap
 
 
+def lowest_ir_version(proto):
+    """Give proto the lowest ONNX IR version its opsets allow (IR 8 for opset 17), in place.
+    onnx >= 1.16 saves IR 10, which ONNX Runtime <= 1.17 (IR <= 9; 1.15-1.17 are the releases
+    built against TensorRT 8.6, onnxruntime.ai TensorRT EP requirements table) and the ONNX
+    parsers of older TensorRT releases refuse. metadata_props on nodes, graphs, values and
+    functions are IR 10 fields: they are dropped (the model's own metadata_props stay)."""
+
+    def strip(graph):
+        for item in [graph, *graph.node, *graph.input, *graph.output, *graph.value_info,
+                     *graph.initializer]:  # fmt: skip
+            if hasattr(item, "metadata_props"):
+                del item.metadata_props[:]
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in [attr.g, *attr.graphs] if attr.g.ByteSize() or attr.graphs else []:
+                    strip(sub)
+
+    strip(proto.graph)
+    for function in proto.functions:
+        del function.metadata_props[:]
+        for node in function.node:
+            del node.metadata_props[:]
+    proto.ir_version = helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    return proto
+
+
 def save_checked(proto, path, check=None):
-    """Write proto atomically: onnx.checker (full) and check(tmp_path) must pass first."""
+    """Write proto atomically at the lowest IR version its opsets allow: onnx.checker (full)
+    and check(tmp_path) must pass first."""
+    lowest_ir_version(proto)
 
     def write(tmp):
         onnx.save(proto, tmp)
@@ -304,12 +359,39 @@ def calibration_images(data_dir, size, count, seed=0):
     return images
 
 
-def quantize_int8(fp32_path, out_path, images, batch=32):
+def scalar_constant_nodes(model):
+    """Nodes with a 0-D float constant input, e.g. the high-pass branch's Mul by 4.0. Left to
+    quantize_static, such a constant becomes a 0-D INT8 weight behind a DequantizeLinear, which
+    TensorRT 8.x's ONNX parser rejects; excluded from quantisation, the Mul stays in float."""
+    graph = model.graph
+    scalars = {t.name for t in graph.initializer if not t.dims}
+    scalars |= {
+        o
+        for n in graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value" and not a.t.dims
+        for o in n.output
+    }
+    return [n.name for n in graph.node if n.op_type != "Constant" and scalars & set(n.input)]
+
+
+def quantize_int8(fp32_path, out_path, images, batch=32, target="cpu"):
     """Static Q/DQ quantisation calibrated on uint8 images (torch N x 3 x S x S or numpy N x S x S x 3): symmetric INT8
     activations and per-channel weights (TensorRT accepts only zero points of 0), attention
-    left in float so its softmax keeps full precision."""
+    left in float so its softmax keeps full precision.
+
+    target "tensorrt": biases stay float (extra_options QuantizeBias=False, documented in
+    onnxruntime.quantization.quantize_static: "If False, it remains floating-point bias"):
+    TensorRT's parser refuses an INT32 DequantizeLinear ("only activation types allowed as
+    input to this layer", onnx/onnx-tensorrt#850, microsoft/onnxruntime#17738), and nodes with
+    a 0-D constant input stay unquantised (scalar_constant_nodes). target "cpu": biases INT32,
+    which ONNX Runtime's CPU kernels fuse into QLinearConv; not for TensorRT."""
     from onnxruntime.quantization import CalibrationDataReader as Reader
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    if target not in ("tensorrt", "cpu"):
+        raise ValueError(f"target must be tensorrt or cpu, not {target!r}")
 
     class Batches(Reader):
         def __init__(self):
@@ -322,6 +404,10 @@ def quantize_int8(fp32_path, out_path, images, batch=32):
 
     fp32 = onnx.load(str(fp32_path))
     exclude = [n.name for n in fp32.graph.node if is_attention(n)]
+    options = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    if target == "tensorrt":
+        exclude += [name for name in scalar_constant_nodes(fp32) if name not in exclude]
+        options["QuantizeBias"] = False
 
     def write(tmp):
         # quantize_static logs a "consider pre-processing" warning; quant_pre_process was measured
@@ -332,13 +418,14 @@ def quantize_int8(fp32_path, out_path, images, batch=32):
             quantize_static(
                 str(fp32_path), tmp, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+                extra_options=options,
             )  # fmt: skip
         finally:
             root.setLevel(level)
         quantized = onnx.load(tmp)
-        set_metadata(quantized, {p.key: p.value for p in fp32.metadata_props}, "int8")
-        onnx.save(quantized, tmp)
+        meta = {p.key: p.value for p in fp32.metadata_props}
+        set_metadata(quantized, {**meta, "quantized_for": target}, "int8")
+        onnx.save(lowest_ir_version(quantized), tmp)
         onnx.checker.check_model(tmp, full_check=True)
 
     atomic_write(out_path, write)
@@ -356,31 +443,104 @@ def accuracy(session, images, labels, threshold, batch=64):
     return float(((probs >= threshold) == (labels == 1)).mean()), probs
 
 
+def tensorrt_version(trt):
+    """(major, minor) of the imported tensorrt module."""
+    parts = (trt.__version__.split(".") + ["0"])[:2]
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+
+
+def strongly_typed(trt):
+    """Whether FP16/INT8 must come from a strongly typed network (precision from the ONNX) rather
+    than the weak-typing builder flags. TensorRT 10.12 deprecated weak typing and 11.x removed
+    BuilderFlag.FP16 / INT8 / OBEY_PRECISION_CONSTRAINTS (docs.nvidia.com/deeplearning/tensorrt,
+    "Migrating from TensorRT 10.x to 11.x" and its "Removed Python APIs" list); 8.6 has no
+    strongly typed networks at all, 10.0-10.11 keep the weak path that was built against."""
+    return not hasattr(trt.BuilderFlag, "FP16") or tensorrt_version(trt) >= (10, 12)
+
+
+def trt_call(what, fn, *args):
+    """fn(*args); any exception from TensorRT becomes one readable ExportError line."""
+    try:
+        return fn(*args)
+    except ExportError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ExportError(f"TensorRT failed while {what}: {type(exc).__name__}: {first}") from None
+
+
+def parser_errors(parser):
+    """Every error the ONNX parser recorded, one line each (node name and operator where the
+    installed TensorRT reports them: ParserError.node_name/node_operator exist from 10.x on,
+    8.6 has node(), the node's index)."""
+    lines = []
+    for i in range(parser.num_errors):
+        error = parser.get_error(i)
+        where = []
+        for attr in ("node_name", "node_operator"):
+            value = getattr(error, attr, None)
+            value = value() if callable(value) else value
+            if value:
+                where.append(str(value))
+        if not where and callable(getattr(error, "node", None)) and error.node() >= 0:
+            where.append(f"node {error.node()}")
+        lines.append(f"  {' '.join(where) + ': ' if where else ''}{error.desc()}")
+    return lines
+
+
 def build_engine(onnx_paths, engine_path, precision, image_size, max_batch=64):
     """Serialise a TensorRT engine from onnx_paths ({"fp32": path, "fp16": ..., "int8": ...}).
-    TensorRT < 11: weakly typed network; FP16 from the builder flag on the FP32 graph, INT8 from
-    the Q/DQ graph plus the INT8 flag, attention layers pinned to FP32 by precision constraints.
-    TensorRT >= 11 is always strongly typed: precision comes from the FP16 or Q/DQ ONNX itself.
-    Returns (TensorRT version, the ONNX used, number of pinned layers)."""
+    Weakly typed (TensorRT 8.6, 10.0-10.11): FP16 from the builder flag on the FP32 graph, INT8
+    from the Q/DQ graph plus the INT8 flag, attention layers pinned to FP32 by precision
+    constraints. Strongly typed (10.12+, where weak typing is deprecated, and 11.x, where it is
+    gone): precision comes from the FP16 or Q/DQ ONNX itself. float32 input and outputs, one
+    optimisation profile for batches 1..max_batch.
+    Returns a dict: tensorrt_version, onnx (the path used), pinned layers, typing, max_batch."""
     import tensorrt as trt  # here only: everything else works without TensorRT
 
-    major = int(trt.__version__.split(".")[0])
-    onnx_path = onnx_paths[precision if major >= 11 or precision == "int8" else "fp32"]
+    try:
+        return _build_engine(trt, onnx_paths, engine_path, precision, image_size, max_batch)
+    except ExportError:
+        raise
+    except Exception as exc:  # whatever else TensorRT raises: one line, not a traceback
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ExportError(f"TensorRT {trt.__version__}: {type(exc).__name__}: {first}") from None
+
+
+def _build_engine(trt, onnx_paths, engine_path, precision, image_size, max_batch):
+    if not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        raise ExportError(f"max_batch must be between 1 and {MAX_BATCH_LIMIT}, not {max_batch}")
+    strong = strongly_typed(trt)
+    key = precision if strong or precision == "int8" else "fp32"
+    if key not in onnx_paths:
+        flag = {"fp16": "--fp16", "int8": "--int8 --calib-data DATA"}.get(key, "")
+        raise ExportError(f"a {precision} engine on TensorRT {trt.__version__} is built from the "
+                          f"{key} ONNX model; export it too ({flag})")  # fmt: skip
+    onnx_path = onnx_paths[key]
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if major < 10 else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        raise ExportError(f"TensorRT cannot parse {onnx_path}: {parser.get_error(0).desc()}")
-    config = builder.create_builder_config()
+    builder = trt_call("creating the builder", trt.Builder, logger)
+    flags = 0
+    if tensorrt_version(trt) < (10, 0):  # 8.x: explicit batch must be asked for (implicit in 10)
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if strong:  # accepted and ignored on 11.x, where every network is strongly typed
+        flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        flags |= 1 << int(flag) if flag is not None else 0
+    network = trt_call("creating the network", builder.create_network, flags)
+    parser = trt_call("creating the ONNX parser", trt.OnnxParser, network, logger)
+    if not trt_call(f"parsing {onnx_path}", parser.parse_from_file, str(onnx_path)):
+        errors = parser_errors(parser)
+        raise ExportError(
+            f"TensorRT {trt.__version__} cannot parse {onnx_path} ({len(errors)} error"
+            f"{'s' if len(errors) != 1 else ''}):\n" + "\n".join(errors)
+        )
+    config = trt_call("configuring the build", builder.create_builder_config)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 30)
     profile = builder.create_optimization_profile()
     shape = lambda n: (n, 3, image_size, image_size)  # noqa: E731
     profile.set_shape("input", shape(1), shape(min(32, max_batch)), shape(max_batch))
     config.add_optimization_profile(profile)
     pinned = 0
-    if major < 11 and precision != "fp32":
+    if not strong and precision != "fp32":
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.INT8)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         for layer in (network.get_layer(i) for i in range(network.num_layers)):
@@ -390,16 +550,42 @@ def build_engine(onnx_paths, engine_path, precision, image_size, max_batch=64):
                 for j in range(layer.num_outputs):
                     layer.set_output_type(j, trt.float32)
                 pinned += 1
-    plan = builder.build_serialized_network(network, config)
+    plan = trt_call("building the engine", builder.build_serialized_network, network, config)
     if plan is None:
         raise ExportError("TensorRT could not build the engine (its log is above)")
     atomic_write(engine_path, lambda tmp: Path(tmp).write_bytes(bytes(plan)))
-    return trt.__version__, onnx_path, pinned
+    return {"tensorrt_version": trt.__version__, "onnx": onnx_path, "pinned": pinned,
+            "typing": "strong" if strong else "weak", "max_batch": max_batch}  # fmt: skip
 
 
-def write_engine_metadata(engine_path, onnx_path):
-    """<engine>.json: the ONNX model's metadata, which an engine file cannot carry."""
-    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+def sha256_file(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_engine_metadata(engine_path, onnx_path, precision, build):
+    """<engine>.json: the ONNX model's metadata, which an engine file cannot carry, plus what
+    infer.py checks before running the engine: its precision, the TensorRT version and GPU it
+    was built with (an engine runs only there) and the engine's own sha256 (so that a sidecar
+    left next to another engine is noticed)."""
+    from infer import cuda_device
+
+    props = {
+        p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props
+    }
+    gpu = cuda_device()
+    props.update({
+        "precision": precision,
+        "tensorrt_version": build["tensorrt_version"],
+        "gpu_name": gpu["name"],
+        "gpu_compute_capability": gpu["compute_capability"],
+        "typing": build["typing"],
+        "max_batch": str(build["max_batch"]),
+        "built_from": Path(onnx_path).name,
+        "onnx_sha256": sha256_file(onnx_path),
+        "engine_sha256": sha256_file(engine_path),
+    })  # fmt: skip
     atomic_write(
         f"{engine_path}.json", lambda tmp: Path(tmp).write_text(json.dumps(props, indent=1))
     )
@@ -434,21 +620,61 @@ def write_fp16(out, model, size):
 
 
 def write_int8(out, ckpt, data, count):
-    """INT8 model calibrated on data's train split; prints the val accuracy change."""
+    """Two INT8 models calibrated on data's train split: <out>.int8.onnx for ONNX Runtime on a
+    CPU (INT32 biases) and <out>.int8-trt.onnx for TensorRT (float biases, no 0-D Q/DQ); prints
+    each one's val accuracy change (both measured with ONNX Runtime on this CPU).
+    Returns {"int8": TensorRT model, "int8-cpu": CPU model}."""
     size, threshold, data = ckpt["image_size"], ckpt["threshold"], Path(data)
     if ckpt.get("manifest_sha256") and manifest_hash(data) != ckpt["manifest_sha256"]:
         print(f"warning: {data} is not the dataset this model was trained on", file=sys.stderr)
-    path = out.with_suffix(".int8.onnx")
+    paths = {"int8-cpu": out.with_suffix(".int8.onnx"), "int8": out.with_suffix(".int8-trt.onnx")}
     calibration = calibration_images(data, size, count)
-    quantize_int8(out, path, calibration)
     images, labels, rows = load_split(data, "val", model_size=size)
     labels = labels.numpy()
     acc32, p32 = accuracy(ort_session(out), images, labels, threshold)
-    acc8, p8 = accuracy(ort_session(path), images, labels, threshold)
-    print(f"wrote {path}: calibrated on {len(calibration)} train images; val accuracy "
-          f"fp32 {acc32:.4f} -> int8 {acc8:.4f} ({100 * (acc8 - acc32):+.2f} points on "
-          f"{len(rows)} images); max |prob difference| {np.abs(p8 - p32).max():.4f}")  # fmt: skip
-    return path
+    for key, target in (("int8-cpu", "cpu"), ("int8", "tensorrt")):
+        quantize_int8(out, paths[key], calibration, target=target)
+        acc8, p8 = accuracy(ort_session(paths[key]), images, labels, threshold)
+        print(f"wrote {paths[key]} (for {'TensorRT' if target == 'tensorrt' else 'ONNX Runtime CPU'}): "
+              f"calibrated on {len(calibration)} train images; val accuracy "
+              f"fp32 {acc32:.4f} -> int8 {acc8:.4f} ({100 * (acc8 - acc32):+.2f} points on "
+              f"{len(rows)} images); max |prob difference| {np.abs(p8 - p32).max():.4f}")  # fmt: skip
+    return paths
+
+
+def write_engine(args, paths, size):
+    """The TensorRT engine of the requested precision from paths, and its .json."""
+    precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
+    suffix = ".engine" if precision == "fp32" else f".{precision}.engine"
+    engine = Path(args.engine or Path(args.out).with_suffix(suffix))
+    build = build_engine(paths, engine, precision, size, args.max_batch)
+    write_engine_metadata(engine, build["onnx"], precision, build)
+    print(f"wrote {engine} (+ .json): TensorRT {build['tensorrt_version']}, {precision} "
+          f"({build['typing']}ly typed), batch 1..{args.max_batch}, built from {build['onnx']}"
+          + (f"; {build['pinned']} attention layers pinned to FP32" if build["pinned"] else ""))  # fmt: skip
+    return engine
+
+
+def engine_from_onnx(args):
+    """--tensorrt --from-onnx: an engine from <out>.onnx and its exported siblings."""
+    out = Path(args.out)
+    siblings = {"fp32": out, "fp16": out.with_suffix(".fp16.onnx"),
+                "int8": out.with_suffix(".int8-trt.onnx")}  # fmt: skip
+    paths = {key: path for key, path in siblings.items() if path.is_file()}
+    try:
+        props = {
+            p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props
+        }
+        size = int(props["image_size"])
+    except Exception as exc:
+        print(f"error: {out}: not an ONNX model exported by export.py ({type(exc).__name__})", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        write_engine(args, paths, size)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv=None):
@@ -457,6 +683,8 @@ def main(argv=None):
         print(f"error: --tensorrt: {problem}; export without --tensorrt and build the engine "
               "on the device with trtexec (see python export.py --help)", file=sys.stderr)  # fmt: skip
         return 2
+    if args.from_onnx:
+        return engine_from_onnx(args)
     try:
         model, ckpt = load_checkpoint(args.checkpoint)
     except CheckpointError as exc:
@@ -473,15 +701,9 @@ def main(argv=None):
         if args.fp16:
             paths["fp16"] = write_fp16(out, model, size)
         if args.int8:
-            paths["int8"] = write_int8(out, ckpt, args.calib_data, args.calib_count)
+            paths.update(write_int8(out, ckpt, args.calib_data, args.calib_count))
         if args.tensorrt:
-            precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
-            suffix = ".engine" if precision == "fp32" else f".{precision}.engine"
-            engine = Path(args.engine or out.with_suffix(suffix))
-            version, source, pinned = build_engine(paths, engine, precision, size, args.max_batch)
-            write_engine_metadata(engine, source)
-            print(f"wrote {engine} (+ .json): TensorRT {version}, {precision}, built from {source}"
-                  + (f"; {pinned} attention layers pinned to FP32" if pinned else ""))  # fmt: skip
+            write_engine(args, paths, size)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -98,39 +98,219 @@ def parse_metadata(props, source):
         raise InferError(f"{source}: unreadable facecheck metadata ({exc})") from None
 
 
+ORT_TRT_MAX_BATCH = 64  # the ONNX Runtime TensorRT EP's profile: batches 1..64, larger ones split
+
+
+def ort_trt_cache_dir(path):
+    """Where the ONNX Runtime TensorRT EP keeps its engine and timing caches for this model:
+    $FACECHECK_TRT_CACHE, else <model folder>/.trt-cache (else ~/.cache/facecheck/trt if the
+    model folder is read-only)."""
+    if os.environ.get("FACECHECK_TRT_CACHE"):
+        return Path(os.environ["FACECHECK_TRT_CACHE"])
+    here = Path(path).resolve().parent / ".trt-cache"
+    try:
+        here.mkdir(exist_ok=True)
+        return here
+    except OSError:
+        return Path.home() / ".cache" / "facecheck" / "trt"
+
+
+def ort_providers(path, available):
+    """ONNX Runtime providers for path, best first, with options. The TensorRT EP gets an
+    engine cache, a timing cache and a fixed optimisation profile (batches 1..64 at the model's
+    input size), so the first run builds an engine and later runs load it instead of rebuilding
+    (trt_engine_cache_enable / trt_engine_cache_path / trt_timing_cache_enable /
+    trt_profile_{min,opt,max}_shapes: onnxruntime.ai/docs/execution-providers/
+    TensorRT-ExecutionProvider.html). Older ONNX Runtime builds refuse options they do not know
+    ("Invalid TensorRT EP option", onnxruntime#21484): load_onnx then retries with the engine
+    cache alone (ORT_TRT_BASIC_OPTIONS). A
+    Q/DQ model asks for INT8 (trt_int8_enable) so that TensorRT 8.6's weakly typed builder
+    accepts its Q/DQ nodes; an FP16 ONNX is FP16 by itself, an FP32 one stays FP32."""
+    providers = []
+    if "TensorrtExecutionProvider" in available:
+        import onnx
+
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:
+            raise InferError(f"{path}: not a usable ONNX model ({type(exc).__name__})") from None
+        meta = parse_metadata({p.key: p.value for p in model.metadata_props}, path)
+        cache = ort_trt_cache_dir(path)
+        cache.mkdir(parents=True, exist_ok=True)
+        size = meta["image_size"]
+        dims = lambda n: f"input:{n}x3x{size}x{size}"  # noqa: E731
+        providers.append((
+            "TensorrtExecutionProvider",
+            {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache),
+                "trt_timing_cache_enable": True,  # kept in trt_engine_cache_path (onnxruntime#17865)
+                "trt_profile_min_shapes": dims(1),
+                "trt_profile_opt_shapes": dims(min(32, ORT_TRT_MAX_BATCH)),
+                "trt_profile_max_shapes": dims(ORT_TRT_MAX_BATCH),
+                "trt_int8_enable": meta["precision"] == "int8",
+            },
+        ))  # fmt: skip
+    providers += [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return providers
+
+
+ORT_TRT_BASIC_OPTIONS = ("trt_engine_cache_enable", "trt_engine_cache_path")
+
+
 def load_onnx(path):
     import onnxruntime as ort
 
-    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    providers = [p for p in wanted if p in ort.get_available_providers()]
+    providers = ort_providers(path, ort.get_available_providers())
     try:
-        session = ort.InferenceSession(str(path), providers=providers)
+        try:
+            session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as exc:
+            if not (isinstance(providers[0], tuple) and "option" in str(exc).lower()):
+                raise
+            name, options = providers[0]  # an older ONNX Runtime: the engine cache only
+            basic = {k: v for k, v in options.items() if k in ORT_TRT_BASIC_OPTIONS}
+            session = ort.InferenceSession(str(path), providers=[(name, basic), *providers[1:]])
     except Exception as exc:  # "... Load model from X failed:/src/model.cc:256 fn(...) reason"
         detail = (str(exc).strip().splitlines() or [""])[0].split("failed:")[-1]
         detail = detail.rsplit(") ", 1)[-1] if detail.startswith("/") else detail
         raise InferError(f"{path}: not a usable ONNX model ({detail[:200]})") from None
     meta = parse_metadata(session.get_modelmeta().custom_metadata_map, path)
     meta["backend"] = f"ONNX Runtime {session.get_providers()[0]}"
-    return (lambda batch: session.run(["logits"], {"input": batch})[0]), meta
+    chunk = ORT_TRT_MAX_BATCH if session.get_providers()[0] == "TensorrtExecutionProvider" else None
+
+    def run(batch):
+        step = chunk or max(len(batch), 1)
+        parts = [
+            session.run(["logits"], {"input": batch[i : i + step]})[0]
+            for i in range(0, len(batch), step)
+        ]
+        return np.concatenate(parts)
+
+    return run, meta
+
+
+def cuda_device():
+    """{"name", "compute_capability"} of the current CUDA GPU (what a TensorRT engine is tied to:
+    the TensorRT version and the GPU's compute capability)."""
+    import torch
+
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return {"name": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}"}
 
 
 def engine_metadata(path):
-    """An engine carries no metadata: read <engine>.json, else the .onnx next to it."""
+    """An engine carries no metadata: read <engine>.json, else the .onnx next to it (an engine
+    built with trtexec). Returns (meta, build): build is the sidecar's record of the TensorRT
+    version, GPU and engine hash, {} when there is no sidecar."""
+    path = Path(path)
     sidecar, onnx_path = Path(f"{path}.json"), path.with_name(path.name.split(".")[0] + ".onnx")
     if sidecar.is_file():
-        return parse_metadata(json.loads(sidecar.read_text(encoding="utf-8")), sidecar)
+        try:
+            props = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InferError(f"{sidecar}: unreadable ({exc})") from None
+        keys = ("tensorrt_version", "gpu_name", "gpu_compute_capability", "engine_sha256")
+        return parse_metadata(props, sidecar), {k: props[k] for k in keys if props.get(k)}
     if onnx_path.is_file():
         import onnx
 
         model = onnx.load(str(onnx_path), load_external_data=False)
-        return parse_metadata({p.key: p.value for p in model.metadata_props}, onnx_path)
+        meta = parse_metadata({p.key: p.value for p in model.metadata_props}, onnx_path)
+        named = path.name.split(".")[-2] if path.name.count(".") >= 2 else ""
+        meta["precision"] = named if named in ("fp16", "int8") else meta["precision"]
+        return meta, {}
     raise InferError(
         f"{path}: no metadata; expected {sidecar} (written by export.py --tensorrt) or {onnx_path}"
     )
 
 
+REBUILD = (
+    "rebuild it on this device: python export.py --checkpoint models/facecheck.pt --tensorrt "
+    "[--fp16 | --int8 --calib-data DATA], or trtexec (README, Edge deployment)"
+)
+
+
+def check_engine_build(path, build, plan, trt_version, device):
+    """Refuse an engine whose sidecar says it was built elsewhere: another TensorRT version or
+    another GPU family (compute capability), or whose bytes are not the engine the sidecar
+    describes. TensorRT engines are not portable across TensorRT versions or GPU models."""
+    if build.get("tensorrt_version") and build["tensorrt_version"] != trt_version:
+        raise InferError(
+            f"{path} was built with TensorRT {build['tensorrt_version']}, this is TensorRT "
+            f"{trt_version}: an engine only runs on the TensorRT version that built it; {REBUILD}"
+        )
+    built_cc = build.get("gpu_compute_capability")
+    if built_cc and built_cc != device["compute_capability"]:
+        raise InferError(
+            f"{path} was built on {build.get('gpu_name', 'a GPU')} (compute capability {built_cc}), "
+            f"this is {device['name']} (compute capability {device['compute_capability']}): an "
+            f"engine only runs on the GPU family that built it; {REBUILD}"
+        )
+    if build.get("engine_sha256"):
+        import hashlib
+
+        if hashlib.sha256(plan).hexdigest() != build["engine_sha256"]:
+            raise InferError(
+                f"{path} is not the engine {path}.json describes (a stale engine or sidecar from "
+                f"another model or build); {REBUILD}"
+            )
+
+
+def check_engine_io(path, engine, trt, image_size):
+    """The engine must take what run() sends: a float32, linear (NCHW) tensor named input with
+    a batch range starting at 1 and 3 x S x S images (S from its metadata), and write float
+    logits. Returns the largest batch of its optimisation profile."""
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    if inputs != ["input"] or "logits" not in outputs:
+        raise InferError(
+            f"{path}: inputs {inputs}, outputs {outputs}; a facecheck engine has input 'input' "
+            f"and output 'logits' (an engine of another model?); {REBUILD}"
+        )
+    for name, wanted in (("input", ("FLOAT",)), ("logits", ("FLOAT", "HALF"))):
+        dtype = engine.get_tensor_dtype(name)
+        if getattr(dtype, "name", str(dtype)).split(".")[-1] not in wanted:
+            raise InferError(
+                f"{path}: its {name} is {dtype}, infer.py exchanges float32 (an engine built "
+                f"with FP16 or INT8 I/O, e.g. trtexec --inputIOFormats); {REBUILD}"
+            )
+        fmt = engine.get_tensor_format(name)
+        if fmt != trt.TensorFormat.LINEAR:
+            raise InferError(
+                f"{path}: its {name} has format {fmt}, infer.py exchanges linear (NCHW) "
+                f"buffers (an engine built with --inputIOFormats=...:hwc/chw32?); {REBUILD}"
+            )
+    if engine.num_optimization_profiles < 1:
+        raise InferError(f"{path}: no optimisation profile; {REBUILD}")
+    low, _, high = (tuple(d) for d in engine.get_tensor_profile_shape("input", 0))
+    want = (3, image_size, image_size)
+    if low[1:] != want or high[1:] != want:
+        raise InferError(
+            f"{path}: takes images of {low[1:]} to {high[1:]}, its metadata says "
+            f"{want} (a stale engine from another model?); {REBUILD}"
+        )
+    if low[0] != 1 or high[0] < 1:
+        raise InferError(
+            f"{path}: its batch range is {low[0]}..{high[0]}; infer.py needs batches from 1 "
+            f"(the last batch of a folder is smaller); {REBUILD} --max-batch N"
+        )
+    return int(high[0])
+
+
+def trt_step(ok, what):
+    """TensorRT's set_input_shape / set_tensor_address / execute_async_v3 return False on
+    failure (and log why): stop with that instead of reading an output that was never written."""
+    if not ok:
+        raise InferError(f"TensorRT {what} failed (TensorRT's log above says why)")
+
+
 def load_engine(path):
-    """A serialised TensorRT engine, run on CUDA with torch tensors as device buffers."""
+    """A serialised TensorRT engine, run on CUDA with torch tensors as device buffers (torch is
+    on the device anyway: the preprocessing and the face detector use it; cuda-python would be
+    a second CUDA binding for the same four buffers)."""
     try:
         import tensorrt as trt
     except ImportError:
@@ -141,41 +321,65 @@ def load_engine(path):
 
     if not torch.cuda.is_available():
         raise InferError(f"{path}: TensorRT engines need a CUDA GPU; use the .onnx model instead")
-    meta = engine_metadata(path)
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+    meta, build = engine_metadata(path)
+    plan = Path(path).read_bytes()
+    check_engine_build(path, build, plan, trt.__version__, cuda_device())
+    try:
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise InferError(
+            f"{path}: TensorRT {trt.__version__} cannot load it ({first}); {REBUILD}"
+        ) from None
     if engine is None:
         raise InferError(
-            f"{path}: not an engine for this GPU / TensorRT {trt.__version__}; rebuild it here"
+            f"{path}: not an engine for this GPU / TensorRT {trt.__version__}; {REBUILD}"
         )
+    max_batch = check_engine_io(path, engine, trt, meta["image_size"])
     context, stream = engine.create_execution_context(), torch.cuda.Stream()
-    max_batch = engine.get_tensor_profile_shape("input", 0)[2][0]
+    if context is None:
+        raise InferError(f"{path}: TensorRT could not create an execution context (GPU memory?)")
     outputs = [
         name
         for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))
         if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT
     ]
+    dtypes = {
+        name: torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+        for name in outputs
+    }
 
     def run(batch):
         logits = []
         for start in range(0, len(batch), max_batch):
+            # The engine reads the input's bytes as contiguous NCHW float32 (TensorFormat.LINEAR):
+            # a channels-last view (what to_model_input's permute gives) must be copied first.
+            chunk = np.ascontiguousarray(batch[start : start + max_batch], dtype=np.float32)
             with torch.cuda.stream(stream):
-                x = torch.from_numpy(batch[start : start + max_batch]).cuda()
-                context.set_input_shape("input", tuple(x.shape))
-                context.set_tensor_address("input", x.data_ptr())
+                x = torch.from_numpy(chunk).cuda().contiguous()
+                n, c, h, w = x.shape
+                if not x.is_contiguous() or tuple(x.stride()) != (c * h * w, h * w, w, 1):
+                    raise InferError(f"internal: input buffer is not NCHW ({x.stride()})")
+                trt_step(context.set_input_shape("input", tuple(x.shape)),
+                         f"set_input_shape(input, {tuple(x.shape)})")  # fmt: skip
+                trt_step(context.set_tensor_address("input", x.data_ptr()),
+                         "set_tensor_address(input)")  # fmt: skip
                 out = {}
                 for name in outputs:
-                    dtype = torch.from_numpy(
-                        np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))
-                    ).dtype
-                    out[name] = torch.empty(
-                        tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda"
-                    )
-                    context.set_tensor_address(name, out[name].data_ptr())
-                context.execute_async_v3(stream.cuda_stream)
+                    shape = tuple(context.get_tensor_shape(name))
+                    if any(d < 0 for d in shape):
+                        raise InferError(f"TensorRT left the shape of {name} open: {shape}")
+                    out[name] = torch.empty(shape, dtype=dtypes[name], device="cuda")
+                    trt_step(context.set_tensor_address(name, out[name].data_ptr()),
+                             f"set_tensor_address({name})")  # fmt: skip
+                trt_step(context.execute_async_v3(stream.cuda_stream), "execute_async_v3")
             stream.synchronize()
             logits.append(out["logits"].float().cpu().numpy())
         return np.concatenate(logits)
 
+    # One warm-up image at load time: a context that cannot run fails here, inside the caller's
+    # model-loading error handling, and the first real batch does not pay TensorRT's lazy setup.
+    run(np.zeros((1, 3, meta["image_size"], meta["image_size"]), np.float32))
     meta["backend"] = f"TensorRT {trt.__version__}"
     return run, meta
 
@@ -357,7 +561,11 @@ def main(argv=None):
     with tqdm(
         total=len(files), unit="img", disable=args.quiet, file=sys.stderr, leave=False
     ) as bar:
-        rows = classify(run, files, meta["image_size"], detector, args.batch, args.workers, bar)
+        try:
+            rows = classify(run, files, meta["image_size"], detector, args.batch, args.workers, bar)
+        except InferError as exc:  # e.g. an engine that fails mid-folder: one line, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     seconds = time.perf_counter() - start
     for r in rows:
         if r["status"] == "unreadable":

@@ -140,7 +140,7 @@ def main(argv=None):
         backends["onnxruntime_fp32"] = ort_runner(fp32, args.threads)
         if not args.no_int8:
             images, calibration = calibration_images(args, data, size)
-            export.quantize_int8(fp32, Path(tmp) / "facecheck.int8.onnx", images)
+            export.quantize_int8(fp32, Path(tmp) / "facecheck.int8.onnx", images, target="cpu")
             backends["onnxruntime_int8"] = ort_runner(
                 Path(tmp) / "facecheck.int8.onnx", args.threads
             )
@@ -149,10 +149,13 @@ def main(argv=None):
 
             paths = {"fp32": fp32, "fp16": Path(tmp) / "facecheck.fp16.onnx"}
             export.save_checked(export.convert_to_fp16(onnx.load(str(fp32))), paths["fp16"])
-            for precision in ("fp32", "fp16"):
+            if not args.no_int8:  # TensorRT takes the float-bias Q/DQ model, not the CPU one
+                paths["int8"] = Path(tmp) / "facecheck.int8-trt.onnx"
+                export.quantize_int8(fp32, paths["int8"], images, target="tensorrt")
+            for precision in [p for p in ("fp32", "fp16", "int8") if p in paths]:
                 engine = Path(tmp) / f"facecheck.{precision}.engine"
-                export.build_engine(paths, engine, precision, size, args.batch)
-                export.write_engine_metadata(engine, fp32)
+                build = export.build_engine(paths, engine, precision, size, args.batch)
+                export.write_engine_metadata(engine, build["onnx"], precision, build)
                 backends[f"tensorrt_{precision}"] = infer.load_engine(engine)[0]
         else:
             print(f"TensorRT skipped: {problem}", file=sys.stderr)
