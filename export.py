@@ -152,6 +152,8 @@ def metadata_from_checkpoint(ckpt):
         "faces": ckpt.get("faces", "whole"),
         "class_names": list(ckpt.get("class_names", CLASS_NAMES)),
         "threshold": ckpt["threshold"],
+        "unsure_band": ckpt.get("unsure_band") or [ckpt["threshold"]] * 2,
+        "confident_calls": ckpt.get("val_metrics", {}).get("confident_calls"),
         "attention": bool(ckpt["config"]["attention"]),
         "manifest_sha256": ckpt.get("manifest_sha256", ""),
         "epoch": ckpt.get("epoch", ""),

@@ -22,12 +22,20 @@ threads, a few images ahead of the face detector and the model.
 Output: CSV, one row per face, largest face first (face 0), written atomically to --csv
 (default predictions.csv in the current folder; "-" prints it to stdout):
     path, face, x0, y0, x1, y1, prob_fake, label, status
-x0..y1 is the face's box in the photo's pixels (after EXIF rotation); label is real or fake
-(fake when prob_fake >= threshold); status is ok. A photo without a face gets one row with
+x0..y1 is the face's box in the photo's pixels (after EXIF rotation); label is fake when
+prob_fake is at or above the model's unsure band, real below it, unsure inside it (the band
+is picked on validation so that the confident calls are right >= 95 % of the time there; with
+--threshold the band collapses onto that threshold); status is ok. A photo without a face gets one row with
 status no_face and one that cannot be read one row with status unreadable (the reason goes
 to stderr); neither gets a guess. A summary goes to stderr. Exit status 0 when at least one
 file could be read, 2 when a path does not exist, holds no images, no file could be read,
 or the model file is missing or unusable.
+
+    python infer.py photos/ --save annotated/ --json predictions.json
+
+--save writes a copy of every readable photo with each face boxed and labelled (green real,
+red fake, amber unsure, with prob_fake); --json writes the rows and the summary as JSON.
+Inputs are only read.
 """
 
 import argparse
@@ -73,11 +81,24 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, help="predict fake when prob_fake >= this (default: the model's, chosen on validation)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads (default min(4, CPUs))")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--save", metavar="DIR", help="write a copy of every photo into DIR with each face boxed and labelled (real / fake / unsure and prob_fake); DIR must lie outside the inputs")
+    p.add_argument("--json", metavar="PATH", help="also write the rows and the summary as JSON to PATH")
     # fmt: on
     args = p.parse_args(argv)
     if args.batch < 1 or args.workers < 1:
         p.error("--batch and --workers must be >= 1")
     return args
+
+
+def decision(prob, threshold, band):
+    """real / fake / unsure: fake from band[1] up, real below band[0]; the band comes from
+    validation (train.unsure_band) and collapses onto a threshold given by hand."""
+    low, high = band
+    if prob >= max(high, threshold):
+        return "fake"
+    if prob < min(low, threshold):
+        return "real"
+    return "unsure"
 
 
 def parse_metadata(props, source):
@@ -93,6 +114,9 @@ def parse_metadata(props, source):
             "class_names": json.loads(props.get("class_names", json.dumps(CLASS_NAMES))),
             "precision": props.get("precision", "fp32"),
             "faces": props.get("faces", "whole"),
+            "unsure_band": json.loads(props.get("unsure_band", "null"))
+            or [float(props["threshold"])] * 2,
+            "confident_calls": json.loads(props.get("confident_calls", "null")),
         }
     except (KeyError, ValueError) as exc:
         raise InferError(f"{source}: unreadable facecheck metadata ({exc})") from None
@@ -405,6 +429,8 @@ def load_torch(path):
         "image_size": ckpt["image_size"],
         "faces": ckpt.get("faces", "whole"),
         "threshold": ckpt["threshold"],
+        "unsure_band": list(ckpt.get("unsure_band") or [ckpt["threshold"]] * 2),
+        "confident_calls": ckpt.get("val_metrics", {}).get("confident_calls"),
         "class_names": list(ckpt.get("class_names", CLASS_NAMES)),
         "precision": "fp32",
         "backend": f"PyTorch {device.type}",
@@ -429,19 +455,21 @@ def load_model(path):
 
 
 def collect_files(paths):
-    """Image files under the given folders plus the given files, in order, without repeats."""
-    files = []
+    """Image files under the given folders plus the given files, in order, without repeats,
+    and the argument each came from."""
+    found = {}
     for arg in paths:
         path = Path(arg)
         if not path.exists():
             raise InferError(f"{arg}: no such file or folder")
-        files.extend(find_images(path) if path.is_dir() else [path])
-    if not files:
+        for f in find_images(path) if path.is_dir() else [path]:
+            found.setdefault(f, path)
+    if not found:
         where = ", ".join(paths)
         raise InferError(
             f"no images found in {where} (looked for {' '.join(sorted(IMAGE_EXTENSIONS))})"
         )
-    return list(dict.fromkeys(files))
+    return list(found), list(found.values())
 
 
 def decode(path):
@@ -519,21 +547,129 @@ def printable(path):
 CSV_FIELDS = ["path", "face", "x0", "y0", "x1", "y1", "prob_fake", "label", "status"]
 
 
-def write_predictions(destination, rows, threshold, class_names):
+def label_rows(rows, threshold, band, class_names):
+    """Each face row gains its label (real / fake / unsure, in the model's class names)."""
+    names = {"real": class_names[0], "fake": class_names[1], "unsure": "unsure"}
+    for r in rows:
+        r["label"] = (
+            "" if r.get("prob_fake") is None else names[decision(r["prob_fake"], threshold, band)]
+        )
+
+
+def write_predictions(destination, rows):
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_FIELDS)
     for r in rows:
         prob = r.get("prob_fake")
-        label = "" if prob is None else class_names[int(prob >= threshold)]
         box = [r.get(k, "") for k in ("x0", "y0", "x1", "y1")]
         prob_text = "" if prob is None else f"{prob:.6f}"
-        writer.writerow([printable(r["path"]), r["face"], *box, prob_text, label, r["status"]])
+        writer.writerow([printable(r["path"]), r["face"], *box, prob_text, r["label"], r["status"]])
     text = buffer.getvalue()
     if destination == "-":
         sys.stdout.write(text)
     else:
         atomic_write(destination, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def summarise(files, rows):
+    faces = [r for r in rows if r["status"] == "ok"]
+    count = lambda key, value: sum(r[key] == value for r in rows)  # noqa: E731
+    return {
+        "images": len(files), "faces": len(faces), "real": sum(r["label"] == "real" for r in faces),
+        "fake": sum(r["label"] == "fake" for r in faces), "unsure": count("label", "unsure"),
+        "unreadable": count("status", "unreadable"), "no_face": count("status", "no_face"),
+    }  # fmt: skip
+
+
+def write_json(path, rows, summary, meta, threshold, band):
+    keys = ["face", "x0", "y0", "x1", "y1", "prob_fake", "label", "status", "reason"]
+    payload = {
+        "summary": summary,
+        "model": {k: meta.get(k) for k in ("backend", "precision", "image_size", "faces")},
+        "threshold": threshold, "unsure_band": list(band),
+        "confident_calls_on_validation": meta.get("confident_calls"),
+        "rows": [{"path": printable(r["path"]), **{k: r.get(k) for k in keys}} for r in rows],
+    }  # fmt: skip
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n"))
+
+
+def saved_copy_names(files, roots, save_dir):
+    """Where each photo's annotated copy goes: SAVE/<input folder name>/<path inside it>.jpg, or
+    SAVE/<file name>.jpg for files named alone; never an input file, never inside an input
+    folder (the next run would classify the copies)."""
+    save_dir = Path(save_dir).resolve()
+    for root in roots:
+        if root.is_dir() and save_dir.is_relative_to(root.resolve()):
+            raise InferError(f"--save {save_dir} lies inside the input folder {root}: pick another")
+    names, taken = {}, set()
+    for path, root in zip(files, roots):
+        rel = Path(root.name) / path.relative_to(root) if root.is_dir() else Path(path.name)
+        target = save_dir / rel.with_name(rel.name + ".jpg")
+        k = 1
+        while target in taken:
+            target = save_dir / rel.with_name(f"{rel.name}.{k}.jpg")
+            k += 1
+        taken.add(target)
+        names[path] = target
+    return names
+
+
+COLOURS = {"real": (40, 180, 70), "fake": (220, 40, 40), "unsure": (240, 170, 0)}
+
+
+def annotate(rgb, face_rows, class_names):
+    """The photo with every face boxed and labelled; a banner when it has no face."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    im = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(im)
+    side = max(im.size)
+    font = ImageFont.load_default(size=max(12, side // 45))
+    width = max(2, side // 300)
+    kind = {class_names[0]: "real", class_names[1]: "fake", "unsure": "unsure"}
+    for r in face_rows:
+        if r["status"] != "ok":
+            draw.text(
+                (8, 8),
+                "no face found",
+                fill=(255, 255, 255),
+                font=font,
+                stroke_width=2,
+                stroke_fill=(0, 0, 0),
+            )
+            continue
+        colour = COLOURS[kind[r["label"]]]
+        box = [r["x0"], r["y0"], r["x1"], r["y1"]]
+        draw.rectangle(box, outline=colour, width=width)
+        text = f"{r['label']} {r['prob_fake']:.2f}"
+        left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
+        y = box[1] - (bottom - top) - 2 * width if box[1] > bottom - top + 2 * width else box[3]
+        draw.rectangle(
+            [box[0], y, box[0] + right - left + 2 * width, y + bottom - top + 2 * width],
+            fill=colour,
+        )
+        draw.text(
+            (box[0] + width, y + width - (top - box[1])), text, fill=(255, 255, 255), font=font
+        )
+    return im
+
+
+def save_annotated(rows, names, class_names, workers):
+    """Decode each readable photo again (in threads) and write its annotated copy atomically."""
+    by_path = {}
+    for r in rows:
+        if r["status"] != "unreadable":
+            by_path.setdefault(r["path"], []).append(r)
+
+    def one(path):
+        rgb, _ = decode(path)
+        if rgb is not None:
+            im = annotate(rgb, by_path[path], class_names)
+            atomic_write(names[path], lambda tmp: im.save(tmp, format="JPEG", quality=90))
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, by_path))
 
 
 def make_detector(meta):
@@ -548,7 +684,8 @@ def make_detector(meta):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        files = collect_files(args.paths)
+        files, roots = collect_files(args.paths)
+        names = saved_copy_names(files, roots, args.save) if args.save else None
         run, meta = load_model(args.model)
     except InferError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -557,6 +694,7 @@ def main(argv=None):
 
     detector = make_detector(meta)
     threshold = meta["threshold"] if args.threshold is None else args.threshold
+    band = meta["unsure_band"] if args.threshold is None else [threshold, threshold]
     start = time.perf_counter()
     with tqdm(
         total=len(files), unit="img", disable=args.quiet, file=sys.stderr, leave=False
@@ -570,20 +708,23 @@ def main(argv=None):
     for r in rows:
         if r["status"] == "unreadable":
             print(f"skipped {printable(r['path'])}: {r['reason']}", file=sys.stderr)
-    unreadable = sum(r["status"] == "unreadable" for r in rows)
-    if unreadable == len(files):
+    if sum(r["status"] == "unreadable" for r in rows) == len(files):
         print(f"error: none of the {len(files)} files could be read as an image", file=sys.stderr)
         return 2
-    write_predictions(args.csv, rows, threshold, meta["class_names"])
-    faces = [r for r in rows if r["status"] == "ok"]
-    fake = sum(r["prob_fake"] >= threshold for r in faces)
-    no_face = sum(r["status"] == "no_face" for r in rows)
-    names = meta["class_names"]
-    print(f"{len(files)} images: {len(faces)} faces ({len(faces) - fake} {names[0]}, {fake} {names[1]}; "
-          f"threshold {threshold:.4f}), {no_face} without a face, {unreadable} unreadable; "
+    label_rows(rows, threshold, band, meta["class_names"])
+    summary = summarise(files, rows)
+    write_predictions(args.csv, rows)
+    if args.json:
+        write_json(args.json, rows, summary, meta, threshold, band)
+    if names:
+        save_annotated(rows, names, meta["class_names"], args.workers)
+    wrote = [p for p in (None if args.csv == "-" else args.csv, args.json, args.save) if p]
+    print(f"{summary['images']} images, {summary['faces']} faces: {summary['real']} real, "
+          f"{summary['fake']} fake, {summary['unsure']} unsure (prob_fake {band[0]:.3f}-{band[1]:.3f}); "
+          f"{summary['no_face']} without a face, {summary['unreadable']} unreadable. "
           f"{len(files) / seconds:.1f} images/s ({meta['backend']}, {meta['precision']}, "
-          f"faces: {meta.get('faces', 'whole')})"
-          + ("" if args.csv == "-" else f"; wrote {args.csv}"), file=sys.stderr)  # fmt: skip
+          f"threshold {threshold:.4f}, faces: {meta.get('faces', 'whole')})"
+          + (f"; wrote {', '.join(map(str, wrote))}" if wrote else ""), file=sys.stderr)  # fmt: skip
     return 0
 
 

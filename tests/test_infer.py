@@ -233,3 +233,56 @@ def test_pickle_payload_checkpoint_is_refused(folder, tmp_path, capsys):
     rc, _, err = run([folder / "wide.jpg", "--model", evil], capsys)
     assert rc == 2 and "refused" in err and len(err.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+def test_unsure_band_saved_copies_and_json(folder, models, tmp_path, capsys):
+    """A band covering everything labels every face unsure; --save writes one annotated JPEG
+    per readable photo (outside the inputs, which stay untouched), --json the same rows."""
+    import json
+
+    _, ckpt = load_checkpoint(models["pt"])
+    ckpt["unsure_band"] = [0.0, 1.01]
+    wide = tmp_path / "wide_band.pt"
+    torch.save(ckpt, wide)
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    out, js, saved = tmp_path / "p.csv", tmp_path / "p.json", tmp_path / "annotated"
+    rc, _, err = run(
+        [folder, "--model", wide, "--csv", out, "--json", js, "--save", saved, "--quiet"], capsys
+    )
+    assert rc == 0, err
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
+    rows = read_csv(out)
+    assert {r["label"] for r in rows if r["status"] == "ok"} == {"unsure"}
+    assert f"{len(AWKWARD)} unsure" in err and f"{len(HOSTILE)} unreadable" in err
+    payload = json.loads(js.read_text())
+    assert payload["summary"]["unsure"] == len(AWKWARD) and len(payload["rows"]) == len(rows)
+    assert payload["unsure_band"] == [0.0, 1.01]
+    copies = sorted(saved.rglob("*.jpg"))
+    assert len(copies) == len(AWKWARD)
+    assert (saved / folder.name / "nested" / "deeper" / "plain.jpg.jpg").is_file()
+    with Image.open(saved / folder.name / "wide.jpg.jpg") as im:
+        assert im.format == "JPEG" and im.size == (200, 70)  # the photo itself, not the crop
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
+    amber = np.abs(pixels - infer.COLOURS["unsure"]).sum(1) < 60
+    assert amber.sum() > 50  # the box and label are drawn in the unsure colour
+    # The model's own band, picked on validation by train.py: every label follows it.
+    _, ckpt = load_checkpoint(models["pt"])
+    rc, _, _ = run([folder, "--model", models["pt"], "--csv", out, "--quiet"], capsys)
+    for r in read_csv(out):
+        if r["status"] == "ok":
+            expected = infer.decision(float(r["prob_fake"]), ckpt["threshold"], ckpt["unsure_band"])
+            assert r["label"] == expected
+    # Copies inside an input folder would be classified next time: refused, one line.
+    rc, _, err = run([folder, "--model", models["pt"], "--save", folder / "boxed"], capsys)
+    assert rc == 2 and "inside the input folder" in err and len(err.strip().splitlines()) == 1
+    assert not (folder / "boxed").exists()
+
+
+def test_decision_rule():
+    assert infer.decision(0.7, 0.5, [0.3, 0.6]) == "fake"
+    assert infer.decision(0.6, 0.5, [0.3, 0.6]) == "fake"
+    assert infer.decision(0.45, 0.5, [0.3, 0.6]) == "unsure"
+    assert infer.decision(0.55, 0.5, [0.3, 0.6]) == "unsure"
+    assert infer.decision(0.29, 0.5, [0.3, 0.6]) == "real"
+    assert infer.decision(0.5, 0.5, [0.5, 0.5]) == "fake"  # no band: the plain threshold
+    assert infer.decision(0.4999, 0.5, [0.5, 0.5]) == "real"

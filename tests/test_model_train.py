@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,3 +246,23 @@ def test_augmentation_probabilities_are_honoured():
         train.train_transform(64, legacy["degrade_p"], legacy["jpeg_p"], 1.0).transforms[-1].p
         == 1.0
     )
+
+
+def test_unsure_band_reaches_the_precision_with_the_narrowest_band():
+    rng = np.random.default_rng(0)
+    prob = np.r_[rng.uniform(0, 0.6, 2000), rng.uniform(0.4, 1, 2000)]
+    labels = np.r_[np.zeros(2000, int), np.ones(2000, int)]
+    low, high, stats = train.unsure_band(prob, labels, 0.5, precision=0.95)
+    assert low < 0.5 < high
+    assert (labels[prob >= high] == 1).mean() >= 0.95 and (labels[prob < low] == 0).mean() >= 0.95
+    # nothing narrower reaches it: one step closer to the threshold falls short
+    closer_high = prob[(prob < high) & (prob >= 0.5)].max()
+    assert (labels[prob >= closer_high] == 1).mean() < 0.95
+    closer_low = prob[(prob > low) & (prob <= 0.5)].min()
+    assert (labels[prob < closer_low] == 0).mean() < 0.95 or closer_low > 0.5
+    assert stats["fake_precision"] >= 0.95 and 0 < stats["unsure_share"] < 1
+    # separable classes: no band at all
+    low, high, stats = train.unsure_band(
+        np.r_[prob[:2000] * 0.5, 0.5 + prob[2000:] * 0.5], labels, 0.5
+    )
+    assert low == high == 0.5 and stats["unsure_share"] == 0
