@@ -243,24 +243,27 @@ class FaceDetector:
         self.min_score, self.max_side = min_score, max_side
 
     def __call__(self, rgb):
-        h, w = rgb.shape[:2]
+        return self.batch(rgb[None])[0]
+
+    def batch(self, images):
+        """Faces of N photos of one size (uint8 N x H x W x 3), one MTCNN pass for them all."""
+        h, w = images.shape[1:3]
         scale = min(1.0, self.max_side / max(h, w))
-        small = rgb
         if scale < 1:
-            small = np.asarray(
-                Image.fromarray(rgb).resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+            size = (round(w * scale), round(h * scale))
+            images = np.stack(
+                [np.asarray(Image.fromarray(im).resize(size, Image.BILINEAR)) for im in images]
             )
-        boxes, scores, points = self.mtcnn.detect(small, landmarks=True)
-        if boxes is None:
-            return []
-        faces = [
-            {"box": box / scale, "landmarks": pts / scale, "score": float(score)}
-            for box, score, pts in zip(boxes, scores, points)
-            if score >= self.min_score
-        ]
-        return sorted(
-            faces, key=lambda f: -(f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])
-        )
+        found = []
+        for boxes, scores, points in zip(*self.mtcnn.detect(images, landmarks=True)):
+            faces = [
+                {"box": box / scale, "landmarks": pts / scale, "score": float(score)}
+                for box, score, pts in zip(boxes, scores, points)
+                if score >= self.min_score
+            ] if boxes is not None else []  # fmt: skip
+            area = lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])  # noqa: E731
+            found.append(sorted(faces, key=lambda f: -area(f)))
+        return found
 
 
 def to_model_input(images_uint8):

@@ -2,6 +2,7 @@
 
     python results/lofo.py --data data/faces --epochs 20 --out results/lofo.json
     python results/lofo.py --label real --epochs 20 --out results/lofo-real.json
+    python results/lofo.py --sources ffhq sd15_portraits --epochs 6 --out results/lofo-v2.json
 
 For each source X of the class --label (fake by default) in the prepared dataset: write a
 dataset that is the same manifest without X (images shared through a symlink, nothing
@@ -57,12 +58,25 @@ def main(argv=None):
         default="fake",
         help="hold out the sources of this class, one at a time (default fake)",
     )
+    p.add_argument(
+        "--sources",
+        nargs="+",
+        default=None,
+        help="hold out these sources (either class), in this order, instead of every source of "
+        "--label; a run already in --runs is reused, so a cut-short call resumes",
+    )
     p.add_argument("--out", default="results/lofo.json", help="default results/lofo.json")
     args = p.parse_args(argv)
 
     data = Path(args.data).resolve()
     rows = read_manifest(data)
-    held_out_sources = sorted({r["source"] for r in rows if r["label"] == args.label})
+    label_of = {r["source"]: r["label"] for r in rows}
+    held_out_sources = args.sources or sorted(s for s in label_of if label_of[s] == args.label)
+    unknown = [s for s in held_out_sources if s not in label_of]
+    if unknown:
+        sys.exit(
+            f"error: no source {unknown[0]!r} in {data} (sources: {', '.join(sorted(label_of))})"
+        )
     # How every run must have been trained: as asked, and otherwise with today's default recipe
     # (the defaults move when a better recipe is found, and an older run must not slip in).
     defaults = vars(train_defaults([]))
@@ -99,7 +113,7 @@ def main(argv=None):
         seen_test = [r for r in rows if r["split"] == "test" and r["source"] != held_out]
         prob_seen = score(model, seen_test)
         labels_seen = np.array([r["label"] == "fake" for r in seen_test])
-        is_fake = args.label == "fake"
+        is_fake = label_of[held_out] == "fake"
         prob_other = prob_seen[labels_seen != is_fake]
         t = ckpt["threshold"]
         auc = roc_auc_score(
@@ -108,7 +122,7 @@ def main(argv=None):
         )
         result = {
             "held_out": held_out,
-            "label": args.label,
+            "label": label_of[held_out],
             "n_unseen": len(unseen),
             "unseen_accuracy": float(((prob_unseen >= t) == is_fake).mean()),
             "unseen_accuracy_at_0.5": float(((prob_unseen >= 0.5) == is_fake).mean()),
@@ -123,20 +137,21 @@ def main(argv=None):
         }
         results.append(result)
         print(json.dumps(result), flush=True)
+        atomic_write(  # after every run: a session cut short keeps what it measured
+            args.out,
+            lambda tmp: Path(tmp).write_text(json.dumps({"runs": results}, indent=2) + "\n"),
+        )
     atomic_write(
         args.out, lambda tmp: Path(tmp).write_text(json.dumps({"runs": results}, indent=2) + "\n")
     )
-    other = "fake" if args.label == "real" else "real"
-    print(
-        f"| held-out {args.label} source | n | accuracy on it | AUC vs {other} test "
-        f"| {other} test acc | seen test acc |"
-    )
-    print("|---|---|---|---|---|---|")
+    print("| held-out source | class | n | accuracy on it | AUC vs other class test "
+          "| other class test acc | seen test acc | threshold |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['held_out']} | {r['n_unseen']} | {r['unseen_accuracy']:.3f} | "
+            f"| {r['held_out']} | {r['label']} | {r['n_unseen']} | {r['unseen_accuracy']:.3f} | "
             f"{r['unseen_vs_other_class_test_auc']:.3f} | {r['other_class_test_accuracy']:.3f} "
-            f"| {r['seen_test_accuracy']:.3f} |"
+            f"| {r['seen_test_accuracy']:.3f} | {r['threshold']:.3f} |"
         )
 
 
