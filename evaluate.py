@@ -175,7 +175,11 @@ def calibration_bins(labels, prob, n_bins=10):
 
 
 def per_source_table(rows, prob, threshold):
-    """n, accuracy and mean prob_fake of every source in rows (one label per source)."""
+    """n, accuracy and mean prob_fake of every source in rows (one label per source), and for
+    face data the median face size (model view side in source pixels) and the Spearman
+    correlation of prob_fake with it inside the source."""
+    from scipy.stats import spearmanr
+
     prob = np.asarray(prob, dtype=float)
     sources = np.array([r["source"] for r in rows])
     labels = np.array([CLASS_NAMES.index(r["label"]) for r in rows])
@@ -185,9 +189,14 @@ def per_source_table(rows, prob, threshold):
     for source in sorted(label_of, key=lambda s: (CLASS_NAMES.index(label_of[s]), s)):
         m = sources == source
         row = dict(source=source, label=label_of[source], n=int(m.sum()))
-        table.append(
-            {**row, "accuracy": float(correct[m].mean()), "mean_prob_fake": float(prob[m].mean())}
-        )
+        row.update(accuracy=float(correct[m].mean()), mean_prob_fake=float(prob[m].mean()))
+        if rows[0].get("crop_side"):  # the face's native size, and whether the score follows it
+            sides = np.array([VIEW * float(r["crop_side"]) for r in rows])[m]
+            row["median_face_px"] = float(np.median(sides))
+            varies = m.sum() > 2 and np.ptp(sides) > 0 and np.ptp(prob[m]) > 0
+            rho = spearmanr(sides, prob[m]).statistic if varies else None
+            row["spearman_prob_vs_face_px"] = None if rho is None else float(rho)
+        table.append(row)
     return table
 
 
@@ -351,6 +360,28 @@ def plot_per_source(table, path):
     )
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel="accuracy", title="accuracy per source")
+    save_figure(fig, path)
+
+
+def plot_face_size(rows, prob, threshold, path):
+    """prob_fake against the face's native size, one colour per source: a model that reads the
+    resolution back out of the pixels shows a slope."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    label_of = {r["source"]: r["label"] for r in rows}
+    sources = sorted(label_of, key=lambda s: (label_of[s] != "real", s))
+    cmap = plt.get_cmap("tab20")
+    prob = np.asarray(prob, dtype=float)
+    for k, source in enumerate(sources):
+        idx = [i for i, r in enumerate(rows) if r["source"] == source]
+        px = [VIEW * float(rows[i]["crop_side"]) for i in idx]
+        marker = "o" if rows[idx[0]]["label"] == "real" else "^"
+        ax.scatter(px, prob[idx], s=6, alpha=0.5, marker=marker, color=cmap(k % 20),
+                   label=f"{source} ({rows[idx[0]]['label']})")  # fmt: skip
+    ax.axhline(threshold, color="k", lw=0.8, ls="--")
+    ax.set(xscale="log", xlabel="face size in the photo (model view side, source pixels)",
+           ylabel="prob_fake", title="score against native face size")  # fmt: skip
+    ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5))
     save_figure(fig, path)
 
 
@@ -620,13 +651,12 @@ def print_report(m, sources):
     rows = [[f"true {n}", *row] for n, row in zip(CLASS_NAMES, cm)]
     print(table(["", *(f"predicted {n}" for n in CLASS_NAMES)], rows) + "\n")
     rows = [
-        [s["source"], s["label"], s["n"], _f(s["accuracy"]), _f(s["mean_prob_fake"])]
+        [s["source"], s["label"], s["n"], _f(s["accuracy"]), _f(s["mean_prob_fake"]),
+         _f(s.get("median_face_px"), 0), _f(s.get("spearman_prob_vs_face_px"), 2)]
         for s in sources
-    ]
-    print(
-        "per source (shortcut audit)\n\n"
-        + table(["source", "label", "n", "accuracy", "mean prob_fake"], rows)
-    )
+    ]  # fmt: skip
+    header = ["source", "label", "n", "accuracy", "mean prob_fake", "face px", "Spearman vs px"]
+    print("per source (shortcut audit)\n\n" + table(header, rows))
     if c := m.get("crop_size_shortcut"):
         print(
             f"\nface size shortcut: the crop side alone separates the classes with ROC-AUC "
@@ -678,6 +708,8 @@ def evaluate_split(args, device):
     else:
         print("warning: the split holds one class only: no ROC-AUC, AP or roc.png", file=sys.stderr)
     plot_per_source(sources, out / "per_source.png")
+    if rows[0].get("crop_side"):
+        plot_face_size(rows, prob.numpy(), threshold, out / "face_size.png")
     plot_calibration(metrics, out / "calibration.png")
     if args.robustness:
         report["robustness"] = robustness(model, stored, labels, threshold, device, args.batch_size)

@@ -600,7 +600,7 @@ def saved_copy_names(files, roots, save_dir):
     folder (the next run would classify the copies)."""
     save_dir = Path(save_dir).resolve()
     for root in roots:
-        if root.is_dir() and save_dir.is_relative_to(root.resolve()):
+        if root.is_dir() and (save_dir == root.resolve() or root.resolve() in save_dir.parents):
             raise InferError(f"--save {save_dir} lies inside the input folder {root}: pick another")
     names, taken = {}, set()
     for path, root in zip(files, roots):
