@@ -172,7 +172,8 @@ def whole_square(width, height):
 
 def crop_square(rgb, square, size):
     """The (x0, y0, side) square of rgb, resized to size x size (antialiased bicubic, sub-pixel
-    box: PIL's resize takes a float source box and reads only inside it)."""
+    box: PIL's resize takes a float source box; its filter reads up to a pixel of the photo
+    around the box, never anything outside the photo)."""
     x0, y0, side = square
     resized = Image.fromarray(rgb).resize(
         (size, size),
