@@ -396,10 +396,10 @@ def manifest_rows(kept, assignment, out):
 
 
 def crop_size_shortcut(rows):
-    """How well the crop's side in source pixels alone tells the classes apart (ROC-AUC, 0.5 =
-    not at all), over all rows and per pair of sources is too many: over all, and the median
-    side per source. The model sees every crop at one size; training's random down-and-up
-    scaling is what keeps it from reading the native resolution back out of the pixels."""
+    """How well the face's side in source pixels alone tells the classes apart over all rows
+    (ROC-AUC; 0.5 = not at all; the per-source medians are in the summary too). The model sees
+    every crop at one size; training's random down-and-up scaling is what keeps it from reading
+    the native resolution back out of the pixels, and evaluate.py checks that it does not."""
     from sklearn.metrics import roc_auc_score
 
     labels = [r["label"] == "fake" for r in rows]

@@ -352,11 +352,11 @@ def robust_threshold(model, images, labels, sources, device):
     and blur, every (source, condition) counting alike within its class. A threshold fitted
     to clean images alone sat where re-encoding moved the fakes across it (measured: 0.599,
     and 6 points lost at JPEG 75 with the ranking intact, AUC 0.969 -> 0.960); photos in the
-    wild are re-encoded. Returns (threshold, clean accuracy)."""
+    wild are re-encoded. Returns (threshold, clean accuracy, clean scores)."""
     scores = scores_for_threshold(model, images, device)
     threshold = threshold_over_conditions(scores, labels, sources)
     clean_accuracy = float(((scores["clean"] >= threshold) == (np.asarray(labels) == 1)).mean())
-    return threshold, clean_accuracy
+    return threshold, clean_accuracy, scores["clean"]
 
 
 def unsure_band(prob, labels, threshold, precision=0.95):
@@ -395,14 +395,12 @@ def finish_best(path, images, labels, sources, device):
     many for every epoch). Also run by --refinish on a finished run."""
     model, ckpt = load_checkpoint(path)
     model.to(device)
-    scores = scores_for_threshold(model, images, device)
-    threshold = threshold_over_conditions(scores, labels, sources)
-    accuracy = float(((scores["clean"] >= threshold) == (np.asarray(labels) == 1)).mean())
+    threshold, accuracy, clean_scores = robust_threshold(model, images, labels, sources, device)
     ckpt["threshold"] = threshold
     ckpt["threshold_rule"] = "validation, sources within class, clean + " + " + ".join(
         THRESHOLD_PERTURBATIONS
     )
-    low, high, stats = unsure_band(scores["clean"], labels, threshold)
+    low, high, stats = unsure_band(clean_scores, labels, threshold)
     ckpt["unsure_band"] = [low, high]
     ckpt["val_metrics"]["accuracy_at_threshold"] = accuracy
     ckpt["val_metrics"]["confident_calls"] = stats

@@ -224,7 +224,7 @@ def test_robust_threshold_keeps_perturbed_fakes_above_it(monkeypatch):
     sources = ["lfw", "lfw", "gan", "gan"]
     clean_only = train.choose_threshold(np.array(values) / 255, labels, sources)
     assert clean_only == pytest.approx((60 + 200) / 2 / 255)  # perfect on clean, nearest 0.5
-    threshold, clean_accuracy = train.robust_threshold(None, images, labels, sources, "cpu")
+    threshold, clean_accuracy, _ = train.robust_threshold(None, images, labels, sources, "cpu")
     assert 60 / 255 < threshold < 100 / 255  # below the perturbed fakes, above the reals
     assert clean_accuracy == 1.0
 
