@@ -97,11 +97,17 @@ def main(argv=None):
         if (data / "summary.json").is_file():  # how the faces were framed: train.py reads it
             shutil.copyfile(data / "summary.json", subset / "summary.json")
         run = Path(args.runs) / f"without-{held_out}"
-        if not (run / "best.pt").exists():
-            cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(subset), "--out", str(run),
-                   "--epochs", str(args.epochs), "--attention", args.attention,
-                   "--patience", str(patience)]  # fmt: skip
+        # A run counts as finished only once train.py returned (run/done); one cut short
+        # (a session's end, Ctrl-C) continues from its last.pt where it stopped.
+        if not (run / "done").exists():
+            if (run / "last.pt").exists():
+                cmd = [sys.executable, str(ROOT / "train.py"), "--resume", str(run / "last.pt")]
+            else:
+                cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(subset), "--out", str(run),
+                       "--epochs", str(args.epochs), "--attention", args.attention,
+                       "--patience", str(patience)]  # fmt: skip
             subprocess.run(cmd, check=True, cwd=ROOT)
+            (run / "done").touch()
         model, ckpt = load_checkpoint(run / "best.pt")
         # A run left by an earlier call is reused only if it was trained the way asked now.
         trained = {k: saved_train_args(ckpt).get(k) for k in wanted}

@@ -10,7 +10,9 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "results"))
 
 
-def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(tmp_path, prepared):
+def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(
+    tmp_path, prepared, monkeypatch
+):
     import lofo
 
     from common import load_rows, read_manifest
@@ -42,3 +44,16 @@ def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(tmp_path, pr
         assert ckpt["train_args"]["patience"] == 1
         assert np.isclose(result["unseen_accuracy"], (prob < ckpt["threshold"]).mean())
         assert 0.0 <= result["unseen_vs_other_class_test_auc"] <= 1.0
+
+    # A run cut short (no done marker) continues from its last.pt instead of being reused.
+    (tmp_path / "runs" / "without-camera" / "done").unlink()
+    calls = []
+    monkeypatch.setattr(lofo.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    lofo.main([
+        "--data", str(prepared), "--label", "real", "--epochs", "1", "--patience", "1",
+        "--runs", str(tmp_path / "runs"), "--out", str(out),
+    ])  # fmt: skip
+    assert len(calls) == 1 and calls[0][-2:] == [
+        "--resume",
+        str(tmp_path / "runs" / "without-camera" / "last.pt"),
+    ]
