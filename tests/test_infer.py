@@ -81,7 +81,12 @@ def models(tiny_runs, tmp_path_factory):
     model, ckpt = load_checkpoint(pt)
     onnx_path = tmp_path_factory.mktemp("models") / "facecheck.onnx"
     export.export_onnx(model, onnx_path, export.metadata_from_checkpoint(ckpt))
-    return {"pt": pt, "onnx": onnx_path, "threshold": ckpt["threshold"]}
+    return {
+        "pt": pt,
+        "onnx": onnx_path,
+        "threshold": ckpt["threshold"],
+        "band": ckpt["unsure_band"],
+    }
 
 
 def read_csv(path):
@@ -111,9 +116,8 @@ def test_folder_with_awkward_and_hostile_files(folder, models, tmp_path, capsys)
     for row in ok:  # a model trained on whole images: one "face" per image, face 0
         prob = float(row["prob_fake"])
         assert row["face"] == "0" and float(row["x1"]) > float(row["x0"])
-        assert 0 <= prob <= 1 and row["label"] == (
-            "fake" if prob >= models["threshold"] else "real"
-        )
+        expected = infer.decision(prob, models["threshold"], models["band"])
+        assert 0 <= prob <= 1 and row["label"] == expected
     unreadable = {r["path"]: r for r in rows if r["status"] == "unreadable"}
     assert set(unreadable) == {str(folder / name) for name in HOSTILE}
     assert all(r["prob_fake"] == r["label"] == "" for r in unreadable.values())  # no guess
