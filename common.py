@@ -247,7 +247,8 @@ class FaceDetector:
         return self.batch(rgb[None])[0]
 
     def batch(self, images):
-        """Faces of N photos of one size (uint8 N x H x W x 3), one MTCNN pass for them all."""
+        """Faces of N photos of one size (uint8 N x H x W x 3), one MTCNN pass for them all.
+        Boxes are clipped to the photo (MTCNN's may reach past its edges)."""
         h, w = images.shape[1:3]
         scale = min(1.0, self.max_side / max(h, w))
         if scale < 1:
@@ -258,7 +259,7 @@ class FaceDetector:
         found = []
         for boxes, scores, points in zip(*self.mtcnn.detect(images, landmarks=True)):
             faces = [
-                {"box": box / scale, "landmarks": pts / scale, "score": float(score)}
+                {"box": np.clip(box / scale, 0, [w, h, w, h]), "landmarks": pts / scale, "score": float(score)}
                 for box, score, pts in zip(boxes, scores, points)
                 if score >= self.min_score
             ] if boxes is not None else []  # fmt: skip

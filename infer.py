@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL, help="a .onnx, .engine/.plan or .pt model (default %(default)s)")
     p.add_argument("--csv", default="predictions.csv", help='CSV to write (default %(default)s in the current folder; "-" for stdout)')
     p.add_argument("--batch", type=int, default=32, help="images per model call (default 32)")
-    p.add_argument("--threshold", type=float, help="predict fake when prob_fake >= this (default: the model's, chosen on validation)")
+    p.add_argument("--threshold", type=float, help="predict fake when prob_fake >= this, with no unsure band (default: the model's threshold and band, chosen on validation)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads (default min(4, CPUs))")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--save", metavar="DIR", help="write a copy of every photo into DIR with each face boxed and labelled (real / fake / unsure and prob_fake); DIR must lie outside the inputs")
