@@ -211,10 +211,9 @@ def model_view(stored, framing=1.0):
 
             view = TF.resize(view, [model_size, model_size], antialias=True)
         return view.contiguous()
-    view = stored[top : top + crop, top : top + crop]
-    if crop != model_size:
-        view = crop_and_resize(np.ascontiguousarray(view), model_size)
-    return np.ascontiguousarray(view)
+    if crop != model_size:  # one resize rule for reframing: the tensor path's
+        raise ValueError("model_view: reframe (framing != 1) a uint8 N x 3 x S x S tensor")
+    return np.ascontiguousarray(stored[top : top + crop, top : top + crop])
 
 
 def face_inputs(rgb, model_size, detector=None):
