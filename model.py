@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import to_model_input
+from common import amp_dtype, to_model_input
 
 DEFAULT_CONFIG = {
     "image_size": 128,
@@ -150,7 +150,8 @@ def predict(model, images, device, batch_size=256):
         batch = to_model_input(images[start : start + batch_size]).to(device)
         if device.type == "cuda":
             batch = batch.to(memory_format=torch.channels_last)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        dtype = amp_dtype(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits.append(model(batch).float().cpu())
     logits = torch.cat(logits)
     return logits.softmax(1)[:, 1], logits

@@ -3,7 +3,7 @@
 
     python prepare_data.py --real data/raw/real/ffhq --fake data/raw/fake/stylegan1_140k \\
         --out data/pair256 --size 256
-    python results/patch_pair.py --data data/pair256 --epochs 6
+    python experiments/patch_pair.py --data data/pair256 --epochs 6
 
 Trains a 6-layer fully convolutional net (29 px receptive field, no global pooling before the
 loss) on random 64 px crops at native scale, each crop carrying its image's label, and scores

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the data-v2 figures in results/ and the shipped models/ from a clean clone plus the
 # shared faces (14 sources, faces found by MTCNN):
-#   mkdir -p data && ln -s ../../shared/data/faces data/raw && make setup && bash results/reproduce.sh
+#   mkdir -p data && ln -s ../../shared/data/faces data/raw && make setup && bash experiments/reproduce.sh
 # On a 2-core CPU: 17 min preparing, ~45 min the shipped model, ~13 min per leave-one-out run
 # (14 of them). Every step skips what is already there, so a cut-short call resumes.
 set -euo pipefail
@@ -29,7 +29,7 @@ cp results/shipped-test/metrics.json results/metrics.json
 for f in confusion_matrix roc per_source calibration robustness heatmaps; do
   cp results/shipped-test/$f.png results/$f.png
 done
-$PY results/framing.py models/facecheck.pt --data data/faces --split test --out results/framing.md
+$PY experiments/framing.py models/facecheck.pt --data data/faces --split test --out results/framing.md
 
 # 4. Export (FP32, INT8 for ONNX Runtime and for TensorRT) and speed.
 $PY export.py --checkpoint models/facecheck.pt --out models/facecheck.onnx --int8 --calib-data data/faces
@@ -37,7 +37,7 @@ $PY bench/speed.py --checkpoint models/facecheck.pt --json results/speed.json
 $PY bench/detector.py --raw data/raw --json results/detector.json
 
 # 5. Leave one source out, every source of both classes once, 6 epochs each (stated as such).
-$PY results/lofo.py --data data/faces --epochs 6 --patience 6 --runs runs/lofo-v2 \
+$PY experiments/lofo.py --data data/faces --epochs 6 --patience 6 --runs runs/lofo-v2 \
   --out results/lofo-v2.json --sources ffhq sd15_portraits ffhq_128 celeba_crops lfw \
   allagefaces unsplash amfd sd14_portraits tpdne_128 stylegan1_140k tpdne_1024 \
   tpdne_stylegan2 boredhumans

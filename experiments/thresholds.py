@@ -1,6 +1,6 @@
 """Which decision threshold? The shipped rule against the one it replaced, on validation only.
 
-    python results/thresholds.py --checkpoint models/facecheck.pt --out results/thresholds.md
+    python experiments/thresholds.py --checkpoint models/facecheck.pt --out results/thresholds.md
 
 Both rules sweep the threshold over the validation images clean and after each of
 common.THRESHOLD_PERTURBATIONS (what train.robust_threshold does at the end of training):

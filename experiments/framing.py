@@ -1,6 +1,6 @@
 """Does the detector depend on how the face is framed?
 
-    python results/framing.py models/facecheck.pt --split test --out results/framing.md
+    python experiments/framing.py models/facecheck.pt --split test --out results/framing.md
 
 For each image of the split this re-makes the model input from the ORIGINAL photo, from the
 landmarks prepare_data.py recorded, with the face square scaled by each of FRAMINGS (0.8 =
