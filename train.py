@@ -177,6 +177,14 @@ def parse_args(argv=None):
         help="stride of the first conv: 2 for 128 px data, 4 to run 256 px data at 128 px cost",
     )
     p.add_argument(
+        "--attention-stage",
+        type=int,
+        choices=[1, 2],
+        default=2,
+        help="where the attention layer sits with --attention on: after stage 2 (16 x 16 "
+        "positions at 128 px, default) or after stage 1 (32 x 32, finer detail, dearer)",
+    )
+    p.add_argument(
         "--no-highpass",
         action="store_true",
         help="drop the fixed high-pass input residual",
@@ -564,6 +572,7 @@ def model_config(args, size):
         "widths": tuple(max(8, round(w * args.width)) for w in DEFAULT_CONFIG["widths"]),
         "highpass": not args.no_highpass,
         "stem_stride": args.stem_stride,
+        "attention_stage": args.attention_stage,
     }
 
 
