@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,18 @@ def read_history(run):
         return list(csv.DictReader(f))
 
 
+def processes_with(text):
+    """PIDs of this machine's processes whose command line contains text (Linux /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # gone meanwhile
+            pass
+    return [pid for pid in pids if pid != os.getpid()]
+
+
 def torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc_per_node", "2", str(ROOT / "train.py"), *args]  # fmt: skip
@@ -32,19 +45,24 @@ def test_torchrun_killed_after_an_epoch_then_resumed_leaves_whole_files(tmp_path
 
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Its own session, so that the kill reaches torchrun and both workers at once, like a
-    # machine going away: no handler runs, only the atomic writes protect the files.
     proc = subprocess.Popen(torchrun("--data", str(prepared), "--out", str(run), *TINY), cwd=ROOT,
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (run / "history.csv").exists():
             break
         time.sleep(0.02)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    os.killpg(proc.pid, signal.SIGKILL)
+    # SIGKILL to torchrun and both workers at once, like a machine going away: no handler
+    # runs, only the atomic writes protect the files. (torchrun starts its workers in sessions
+    # of their own, so killing its process group would leave them training on.)
+    for pid in processes_with(str(run)):
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 30
+    while processes_with(str(run)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not processes_with(str(run))
 
     done = read_history(run)
     assert 1 <= len(done) <= 4 and all(row["val_loss"] for row in done)
@@ -67,7 +85,7 @@ def test_torchrun_killed_after_an_epoch_then_resumed_leaves_whole_files(tmp_path
     losses = [float(h["train_loss"]) for h in history]
     assert min(losses[2:]) < losses[0]
     lines = [ln for ln in result.stdout.splitlines() if ln.startswith("epoch ")]
-    assert len(lines) == 4 - len(done)  # rank 0 prints, the other process does not
+    assert len(lines) == 4 - len(done), result.stdout  # rank 0 prints, the other does not
 
 
 def test_same_seed_gives_the_same_split_and_metrics_twice(tmp_path, raw_tree):
