@@ -648,7 +648,7 @@ def build_training(args, data, rank, world, device):
         if world > 1:
             # Batch norm over the global batch, not each GPU's slice of it: with 8 GPUs and a
             # batch of 64 each would normalise over 8 faces (measured on CPU, where SyncBatchNorm
-            # does not run: 8 faces per process cost ~10 points of validation accuracy on the
+            # does not run: 8 faces per process cost 16 points of validation accuracy on the
             # tiny test set, 16 did not). Same state_dict keys, so checkpoints do not change.
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     amp = amp_dtype(device, args.precision)
