@@ -287,6 +287,25 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def amp_dtype(device, precision="auto"):
+    """The autocast dtype for mixed precision: on CUDA bf16 where the GPU has it (Ampere and
+    later; no loss scaling needed), else fp16; None (plain fp32) on CPU or when asked."""
+    import torch
+
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def precision_name(dtype):
+    """ "fp32", "bf16" or "fp16" for amp_dtype's answer."""
+    return {None: "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[
+        None if dtype is None else str(dtype)
+    ]
+
+
 def atomic_write(path, write_fn, suffix=""):
     """Call write_fn(tmp_path), then rename tmp over path: readers never see half a file."""
     path = Path(path)

@@ -13,8 +13,9 @@ for reference. The per-source table is the shortcut audit: a model that keys on 
 framing or codec instead of generator traces shows up as one source far below the others.
 
 --compare evaluates every run on validation and test and writes compare.json and
-compare.md: per-run records, mean +- std per arm (attention on / off) and McNemar's exact
-test on the paired test predictions of runs with the same seed.
+compare.md: per-run records, mean +- std per arm (attention on / off), McNemar's exact test
+on the paired validation and test predictions of runs with the same seed, and the verdict by
+the README's rule (validation decides; --lofo ON.json OFF.json adds its leave-one-out part).
 """
 
 import argparse
@@ -102,6 +103,14 @@ def parse_args(argv=None):
         metavar="RUN",
         help="compare runs: run folders, .pt files or folders holding run folders "
         "(uses val and test; --split is ignored)",
+    )
+    p.add_argument(
+        "--lofo",
+        nargs=2,
+        default=None,
+        metavar=("ON_JSON", "OFF_JSON"),
+        help="with --compare: experiments/lofo.py's results of the attention-on and -off arms, "
+        "for the leave-one-out part of the verdict rule",
     )
     return p.parse_args(argv)
 
@@ -490,10 +499,11 @@ def expand_runs(paths):
     return found
 
 
-def compare_runs(paths, data=None, device=None, batch_size=256):
-    """Evaluate runs on val and test -> {"runs": [...], "arms": {...}, "mcnemar": {...}}."""
+def compare_runs(paths, data=None, device=None, batch_size=256, lofo=None):
+    """Evaluate runs on val and test -> {"runs", "arms", "mcnemar": {"val", "test"}, "verdict"};
+    lofo: {"on": [...], "off": [...]}, experiments/lofo.py's runs of each arm, for the rule."""
     device = device or torch.device("cpu")
-    cache, records, tests = {}, [], []
+    cache, records, correct = {}, [], []
     for path in tqdm(expand_runs(paths), desc="runs", leave=False):
         model, ckpt, path = open_checkpoint(path)
         data_dir = resolve_data(ckpt, data)
@@ -503,6 +513,7 @@ def compare_runs(paths, data=None, device=None, batch_size=256):
             "run": str(path.parent),
             "data": str(data_dir),
             "attention": "on" if ckpt["config"]["attention"] else "off",
+            "attention_stage": ckpt["config"].get("attention_stage", 2),
             "seed": ckpt.get("train_args", {}).get("seed"),
             "params": ckpt.get("params") or count_parameters(model),
             "flops": ckpt.get("flops") or count_flops(model),
@@ -511,6 +522,7 @@ def compare_runs(paths, data=None, device=None, batch_size=256):
             "train_seconds": ckpt.get("train_seconds"),
             "threshold": ckpt["threshold"],
         }
+        right = {}  # per-image correctness, keyed by split, with the images' identity
         for split in ("val", "test"):
             key = (manifest_hash(data_dir), split, ckpt["image_size"])
             if key not in cache:
@@ -522,9 +534,9 @@ def compare_runs(paths, data=None, device=None, batch_size=256):
             record[f"{split}_accuracy"] = m["accuracy"]
             record[f"{split}_f1"] = m["macro"]["f1"]
             record[f"{split}_auc"] = m["roc_auc"]
+            right[split] = (key, ((prob >= ckpt["threshold"]).long() == labels).numpy())
         records.append(record)
-        # Per-image correctness on test (the loop's last split) for McNemar, keyed by test set.
-        tests.append((key, ((prob >= ckpt["threshold"]).long() == labels).numpy()))
+        correct.append(right)
 
     arms = {}
     for arm in ("off", "on"):
@@ -541,51 +553,110 @@ def compare_runs(paths, data=None, device=None, batch_size=256):
                     "std": float(v.std(ddof=1)) if len(v) > 1 else None,
                 }
 
-    # Pair each "on" run with an unused "off" run of the same seed and the same test images.
-    pairs, free = [], [j for j, r in enumerate(records) if r["attention"] == "off"]
+    # Pair each "on" run with an unused "off" run of the same seed and the same images.
+    matched, free = [], [j for j, r in enumerate(records) if r["attention"] == "off"]
     for i, on in enumerate(records):
-        match = [j for j in free if records[j]["seed"] == on["seed"] and tests[j][0] == tests[i][0]]
-        if on["attention"] != "on" or not match:
-            continue
-        free.remove(match[0])
-        a, o = tests[i][1], tests[match[0]][1]
-        b, c = int((a & ~o).sum()), int((~a & o).sum())
-        pair = {"seed": on["seed"], "on": on["run"], "off": records[match[0]]["run"], "n": len(a)}
-        pairs.append({**pair, "b": b, "c": c, "p_value": mcnemar_exact(b, c)})
-    b, c = sum(p["b"] for p in pairs), sum(p["c"] for p in pairs)
+        same = [j for j in free if records[j]["seed"] == on["seed"] and
+                all(correct[j][s][0] == correct[i][s][0] for s in ("val", "test"))]  # fmt: skip
+        if on["attention"] == "on" and same:
+            free.remove(same[0])
+            matched.append((i, same[0]))
     mcnemar = {
-        "test": "exact two-sided McNemar: scipy.stats.binomtest(b, b + c, 0.5); b = test images "
-        "only the attention-on run gets right, c = only the attention-off run",
-        "pairs": pairs,
-        # The pooled count reuses the same test images for every seed: not independent trials,
-        # so its p-value is indicative only.
-        "pooled": {"b": b, "c": c, "p_value": mcnemar_exact(b, c)} if pairs else None,
+        "test": "exact two-sided McNemar: scipy.stats.binomtest(b, b + c, 0.5); b = images only "
+        "the attention-on run gets right, c = only the attention-off run; the rule reads val",
     }
+    for split in ("val", "test"):
+        pairs = []
+        for i, j in matched:
+            a, o = correct[i][split][1], correct[j][split][1]
+            b, c = int((a & ~o).sum()), int((~a & o).sum())
+            pairs.append({"seed": records[i]["seed"], "on": records[i]["run"],
+                          "off": records[j]["run"], "n": len(a), "b": b, "c": c,
+                          "p_value": mcnemar_exact(b, c)})  # fmt: skip
+        b, c = sum(p["b"] for p in pairs), sum(p["c"] for p in pairs)
+        # The pooled count reuses the same images for every seed: not independent trials,
+        # so its p-value is indicative only.
+        pooled = {"b": b, "c": c, "p_value": mcnemar_exact(b, c)} if pairs else None
+        mcnemar[split] = {"pairs": pairs, "pooled": pooled}
     result = {"runs": records, "arms": arms, "mcnemar": mcnemar}
+    if lofo:
+        result["lofo"] = lofo_comparison(lofo["on"], lofo["off"])
     return {**result, "verdict": verdict(result)}
 
 
+def lofo_comparison(on_runs, off_runs):
+    """Leave-one-source-out accuracy of both arms on the sources both held out."""
+    on = {r["held_out"]: r for r in on_runs}
+    off = {r["held_out"]: r for r in off_runs}
+    common = sorted(set(on) & set(off))
+    if not common:
+        return None
+    real = [s for s in common if off[s]["label"] == "real"]
+    acc = lambda runs, names: [runs[s]["unseen_accuracy"] for s in names]  # noqa: E731
+    return {
+        "sources": {
+            s: {
+                "on": on[s]["unseen_accuracy"],
+                "off": off[s]["unseen_accuracy"],
+                "label": off[s]["label"],
+            }
+            for s in common
+        },  # fmt: skip
+        "mean_on": float(np.mean(acc(on, common))),
+        "mean_off": float(np.mean(acc(off, common))),
+        "worst_real_on": min(acc(on, real)) if real else None,
+        "worst_real_off": min(acc(off, real)) if real else None,
+    }
+
+
 def verdict(result):
-    """The ablation's answer, by a rule fixed before the runs: attention counts as helping only
-    if its mean validation accuracy beats the plain model's by more than the seed-to-seed
-    spread (the larger std) AND the pooled McNemar test on test predictions says p < 0.05 in
-    its favour. Anything less and the simpler model ships."""
-    arms, pooled = result["arms"], (result["mcnemar"] or {}).get("pooled")
-    if "on" not in arms or "off" not in arms or not pooled:
+    """The attention question's answer by the rule written in the README before the data-v2
+    runs. Attention ships only if (A) its mean validation accuracy is >= 1.0 point above the
+    plain model's, it is ahead in at least two thirds of the seed pairs, and the pooled exact
+    McNemar test on validation gives p < 0.05 in its favour; or (B) the validation gap is within
+    +-0.5 points and its mean leave-one-source-out accuracy is >= 5 points higher; and in both
+    cases (C) leave-one-out does not get worse: mean held-out accuracy and worst held-out real
+    source each within 2 points of the plain model's or better. Anything less: attention off."""
+    arms, mc, lofo = result["arms"], result["mcnemar"]["val"], result.get("lofo")
+    if "on" not in arms or "off" not in arms or not mc["pooled"]:
         return "undecided: needs runs of both arms with matching seeds"
-    on, off = arms["on"]["val_accuracy"], arms["off"]["val_accuracy"]
-    gap, spread = on["mean"] - off["mean"], max(on["std"] or 0.0, off["std"] or 0.0)
+    gap = arms["on"]["val_accuracy"]["mean"] - arms["off"]["val_accuracy"]["mean"]
+    ahead = sum(p["b"] > p["c"] for p in mc["pairs"])
+    pooled = mc["pooled"]
     facts = (
-        f"mean val accuracy on {on['mean']:.4f} vs off {off['mean']:.4f} (gap {gap:+.4f}, "
-        f"seed std up to {spread:.4f}); pooled McNemar b={pooled['b']} c={pooled['c']} "
-        f"p={pooled['p_value']:.3g}"
+        f"mean val accuracy on {arms['on']['val_accuracy']['mean']:.4f} vs off "
+        f"{arms['off']['val_accuracy']['mean']:.4f} (gap {100 * gap:+.2f} points, on ahead in "
+        f"{ahead} of {len(mc['pairs'])} seed pairs); pooled val McNemar b={pooled['b']} "
+        f"c={pooled['c']} p={pooled['p_value']:.3g}"
     )
-    significant = pooled["p_value"] < 0.05
-    if gap > spread and significant and pooled["b"] > pooled["c"]:
+    route_a = (
+        gap >= 0.01
+        and ahead >= 2 * len(mc["pairs"]) / 3
+        and pooled["p_value"] < 0.05
+        and pooled["b"] > pooled["c"]
+    )
+    if lofo is None:
+        if route_a:
+            return f"undecided: attention leads on validation ({facts}); needs leave-one-out (C)"
+        return (
+            f"no measurable gain from attention on validation: {facts}; the simpler model "
+            "(attention off) ships unless leave-one-out shows route B"
+        )
+    lofo_gain = lofo["mean_on"] - lofo["mean_off"]
+    worst_ok = lofo["worst_real_on"] is None or (
+        lofo["worst_real_on"] >= lofo["worst_real_off"] - 0.02
+    )
+    no_worse = lofo_gain >= -0.02 and worst_ok
+    route_b = abs(gap) <= 0.005 and lofo_gain >= 0.05
+    facts += (
+        f"; leave-one-out mean on {lofo['mean_on']:.3f} vs off {lofo['mean_off']:.3f} over "
+        f"{len(lofo['sources'])} sources"
+    )
+    if lofo["worst_real_on"] is not None:
+        facts += f", worst real on {lofo['worst_real_on']:.3f} vs off {lofo['worst_real_off']:.3f}"
+    if (route_a or route_b) and no_worse:
         return f"attention helps: {facts}; the attention model ships"
-    if -gap > spread and significant and pooled["c"] > pooled["b"]:
-        return f"attention hurts: {facts}; the simpler model (attention off) ships"
-    return f"no measurable gain from attention: {facts}; the simpler model (attention off) ships"
+    return f"no gain that pays for the layer: {facts}; the simpler model (attention off) ships"
 
 
 def _f(x, digits=4):
@@ -616,14 +687,23 @@ def compare_markdown(result):
             for arm, a in result["arms"].items()
         ]
         text += "\n\nmean ± std per arm\n\n" + table(["attention", "runs", *keys], rows)
-    mc = result["mcnemar"]
-    if mc["pairs"]:
+    for split in ("val", "test"):
+        mc = result["mcnemar"][split]
+        if not mc["pairs"]:
+            continue
         rows = [[p["seed"], p["n"], p["b"], p["c"], f"{p['p_value']:.4g}"] for p in mc["pairs"]]
         rows.append(
             ["pooled", "", mc["pooled"]["b"], mc["pooled"]["c"], f"{mc['pooled']['p_value']:.4g}"]
         )
-        text += "\n\nMcNemar exact test, test split (b: only attention on right, c: only off right)"
+        text += f"\n\nMcNemar exact test, {split} split (b: only attention on right, c: only off)"
         text += "\n\n" + table(["seed", "n", "b", "c", "p"], rows)
+    if lofo := result.get("lofo"):
+        rows = [[s, v["label"], _f(v["off"], 3), _f(v["on"], 3), f"{100 * (v['on'] - v['off']):+.1f}"]
+                for s, v in lofo["sources"].items()]  # fmt: skip
+        rows.append(["mean", "", _f(lofo["mean_off"], 3), _f(lofo["mean_on"], 3),
+                     f"{100 * (lofo['mean_on'] - lofo['mean_off']):+.1f}"])  # fmt: skip
+        text += "\n\nLeave one source out, accuracy on the held-out source\n\n"
+        text += table(["held-out source", "class", "off", "on", "on - off (points)"], rows)
     return text
 
 
@@ -738,7 +818,11 @@ def main(argv=None):
     device = pick_device(args.device)
     if not args.compare:
         return evaluate_split(args, device)
-    result = compare_runs(args.compare, args.data, device, args.batch_size)
+    lofo = None
+    if args.lofo:
+        on, off = (json.loads(Path(f).read_text())["runs"] for f in args.lofo)
+        lofo = {"on": on, "off": off}
+    result = compare_runs(args.compare, args.data, device, args.batch_size, lofo)
     out = Path(args.out or "runs/compare")
     text = compare_markdown(result)
     print(text)

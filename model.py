@@ -5,8 +5,9 @@ Layout at the default 128 px input (channels x positions):
     fixed high-pass residual (RGB + RGB - blur(RGB))          6 x 128²
     stem     3x3 stride-2 conv                                w0 x 64²
     stage 1  3x3 stride-2 conv, 3x3 conv                      w1 x 32²
+    [or attention over the 1024 positions of stage 1]         w1 x 32²   (attention_stage 1)
     stage 2  3x3 stride-2 conv, 3x3 conv                      w2 x 16²
-    [attention over the 256 positions of stage 2]             w2 x 16²
+    [attention over the 256 positions of stage 2]             w2 x 16²   (attention_stage 2)
     stage 3  3x3 stride-2 conv, 3x3 conv                      w3 x 8²
     global average pool, dropout, linear -> 2 logits (real, fake)
 
@@ -24,13 +25,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import to_model_input
+from common import amp_dtype, to_model_input
 
 DEFAULT_CONFIG = {
     "image_size": 128,
     "widths": (32, 64, 128, 256),
     "stem_stride": 2,
     "attention": True,
+    # After which stage the layer sits: 2 (16² positions at 128 px, the default) or 1 (32²:
+    # finer detail, 4x the positions and 16x the attention matrix).
+    "attention_stage": 2,
     "attention_key_channels": 16,
     "dropout": 0.3,
     "highpass": True,
@@ -95,9 +99,13 @@ class FaceCheckNet(nn.Module):
         self.stem = conv_bn_act(cin, w0, stride=stem_stride, kernel=3 if stem_stride == 2 else 5)
         self.stage1 = nn.Sequential(conv_bn_act(w0, w1, 2), conv_bn_act(w1, w1))
         self.stage2 = nn.Sequential(conv_bn_act(w1, w2, 2), conv_bn_act(w2, w2))
-        side = cfg["image_size"] // (stem_stride * 4)
+        self.attention_stage = cfg["attention_stage"]
+        if self.attention_stage not in (1, 2):
+            raise ValueError(f"attention_stage must be 1 or 2, not {self.attention_stage!r}")
+        channels = w1 if self.attention_stage == 1 else w2
+        side = cfg["image_size"] // (stem_stride * 2 * self.attention_stage)
         self.attention = (
-            SpatialSelfAttention(w2, cfg["attention_key_channels"], side, side)
+            SpatialSelfAttention(channels, cfg["attention_key_channels"], side, side)
             if cfg["attention"]
             else None
         )
@@ -112,8 +120,11 @@ class FaceCheckNet(nn.Module):
             # Fixed 3x3 box blur per channel; x - blur(x) keeps the fine noise residual.
             blur = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
             x = torch.cat([x, (x - blur) * 4.0], dim=1)
-        x = self.stage2(self.stage1(self.stem(x)))
-        if self.attention is not None:
+        x = self.stage1(self.stem(x))
+        if self.attention is not None and self.attention_stage == 1:
+            x = self.attention(x)
+        x = self.stage2(x)
+        if self.attention is not None and self.attention_stage == 2:
             x = self.attention(x)
         return self.stage3(x)
 
@@ -150,7 +161,8 @@ def predict(model, images, device, batch_size=256):
         batch = to_model_input(images[start : start + batch_size]).to(device)
         if device.type == "cuda":
             batch = batch.to(memory_format=torch.channels_last)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        dtype = amp_dtype(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits.append(model(batch).float().cpu())
     logits = torch.cat(logits)
     return logits.softmax(1)[:, 1], logits

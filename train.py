@@ -3,6 +3,7 @@
     python train.py --attention off              # -> runs/attention-off/best.pt
     python train.py --attention on --seed 1 --out runs/on-s1
     python train.py --resume runs/attention-off/last.pt
+    torchrun --nproc_per_node 4 train.py --out runs/big     # one process per GPU (DDP)
 
 Class-weighted cross-entropy (or focal loss), the same augmentation for both classes
 (flip, a random framing of the stored face crop, random down-and-up scaling, JPEG
@@ -11,22 +12,33 @@ a one-cycle schedule, early stopping on validation loss. The run folder gets bes
 validation loss), last.pt (every epoch, atomically), history.csv and curves.png.
 Every checkpoint carries the model config, the decision threshold chosen on validation
 (re-picked at the end over clean and perturbed validation copies, the two classes weighing
-alike: choose_threshold) and the hash of the data manifest, so the other scripts need
-nothing but the file.
+alike: choose_threshold), the hash of the data manifest and where it trained (device,
+processes, precision), so the other scripts need nothing but the file.
+
+On CUDA it trains in mixed precision (bf16, or fp16 with a gradient scaler), channels-last,
+from pinned memory with several loader workers. Under torchrun every process trains on its
+share of each epoch's source-balanced draw with --batch-size / processes images per step
+(the global batch, the schedule and so the metrics stay those of one process), rank 0 writes
+the logs, plots and checkpoints; --resume works the same way under torchrun.
 """
 
 import argparse
 import csv
+import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -34,11 +46,13 @@ from tqdm import tqdm
 from common import (
     CLASS_NAMES,
     THRESHOLD_PERTURBATIONS,
+    amp_dtype,
     atomic_write,
     load_split,
     manifest_hash,
     perturb,
     pick_device,
+    precision_name,
     read_summary,
     to_model_input,
 )
@@ -60,6 +74,7 @@ HISTORY_FIELDS = [
     "val_loss",
     "val_acc",
     "seconds",
+    "images_per_s",
 ]
 
 
@@ -162,6 +177,14 @@ def parse_args(argv=None):
         help="stride of the first conv: 2 for 128 px data, 4 to run 256 px data at 128 px cost",
     )
     p.add_argument(
+        "--attention-stage",
+        type=int,
+        choices=[1, 2],
+        default=2,
+        help="where the attention layer sits with --attention on: after stage 2 (16 x 16 "
+        "positions at 128 px, default) or after stage 1 (32 x 32, finer detail, dearer)",
+    )
+    p.add_argument(
         "--no-highpass",
         action="store_true",
         help="drop the fixed high-pass input residual",
@@ -176,8 +199,16 @@ def parse_args(argv=None):
     p.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="augmentation worker processes (default 1; 0 = in the main process)",
+        default=None,
+        help="augmentation worker processes per training process (default: 1 on CPU; on CUDA "
+        "the cores per GPU less one, at most 8; 0 = in the main process)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="on CUDA: mixed precision, bf16 where the GPU has it, else fp16 with a gradient "
+        "scaler (default auto); CPU always trains in fp32",
     )
     p.add_argument(
         "--threads",
@@ -307,7 +338,7 @@ def choose_threshold(prob_fake, labels, sources=None, per_class=True):
     sources from outvoting the two real ones (a plain mean over sources did: 0.33 instead of
     0.41 on the shipped model, FFHQ reals 0.43 instead of 0.48 on validation).
     Without sources, the per-class balanced accuracy; per_class=False, the plain mean over
-    sources (the replaced rule, kept for results/thresholds.py). Hand-written because sklearn
+    sources (the replaced rule, kept for experiments/thresholds.py). Hand-written because sklearn
     has no per-group threshold search: a vectorised sweep over the midpoints of sorted scores."""
     prob = np.asarray(prob_fake, dtype=float)
     labels = np.asarray(labels, dtype=int)
@@ -478,67 +509,116 @@ def refinish(path, device_name):
     print(f"{path}: threshold {ckpt['threshold']:.4f}, unsure band {low:.4f}-{high:.4f}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.refinish:
-        return refinish(args.refinish, args.device)
-    resume = None
-    if args.resume:
-        try:
-            _, resume = load_checkpoint(args.resume)
-        except CheckpointError as exc:
-            sys.exit(f"error: {exc}")
-        if "optimizer" not in resume:
-            sys.exit(f"error: {args.resume} holds no optimizer state; resume from a last.pt")
-        saved = saved_train_args(resume)
-        # The run's own settings, workers included: the worker count changes the augmentation
-        # random streams, and a resumed run should end exactly where an uninterrupted one would.
-        keep = ("device", "threads", "resume")
-        for key in saved:
-            if key not in keep:
-                setattr(args, key, saved[key])
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    set_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def load_resume(args):
+    """--resume: the run's checkpoint, with the run's own settings put back into args (the
+    worker count included: it changes the augmentation random streams, and a resumed run should
+    end exactly where an uninterrupted one would). None for a fresh run."""
+    if not args.resume:
+        return None
+    try:
+        _, resume = load_checkpoint(args.resume)
+    except CheckpointError as exc:
+        sys.exit(f"error: {exc}")
+    if "optimizer" not in resume:
+        sys.exit(f"error: {args.resume} holds no optimizer state; resume from a last.pt")
+    for key, value in saved_train_args(resume).items():
+        if key not in ("device", "threads", "resume"):
+            setattr(args, key, value)
+    return resume
 
-    data_dir = Path(args.data)
+
+def setup_distributed(device_name):
+    """One process per GPU (or CPU worker) under torchrun, which sets WORLD_SIZE, RANK and
+    LOCAL_RANK; a plain `python train.py` is a world of one. Returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def load_data(data_dir):
+    """Train and validation crops, decoded once into memory (every process holds them)."""
     if not (data_dir / "manifest.csv").is_file():
         sys.exit(
             f"error: no dataset at {data_dir} (manifest.csv missing); run prepare_data.py first"
         )
-    train_images, train_labels, train_rows = load_split(data_dir, "train", None, progress=True)
-    val_images, val_labels, val_rows = load_split(data_dir, "val", progress=True)
-    val_sources = [r["source"] for r in val_rows]
-    size = val_images.shape[-1]  # the model's view of the stored crops
-    faces = read_summary(data_dir).get("faces", "whole")
-    data_hash = manifest_hash(data_dir)
+    quiet = int(os.environ.get("RANK", "0")) != 0  # one progress bar, not one per process
+    train_images, train_labels, train_rows = load_split(data_dir, "train", None, not quiet)
+    val_images, val_labels, val_rows = load_split(data_dir, "val", progress=not quiet)
+    return SimpleNamespace(
+        train_images=train_images,
+        train_labels=train_labels,
+        train_rows=train_rows,
+        val_images=val_images,
+        val_labels=val_labels,
+        val_sources=[r["source"] for r in val_rows],
+        size=val_images.shape[-1],  # the model's view of the stored crops
+        faces=read_summary(data_dir).get("faces", "whole"),
+        manifest_sha256=manifest_hash(data_dir),
+    )
 
-    config = {
+
+def model_config(args, size):
+    return {
         **DEFAULT_CONFIG,
         "image_size": size,
         "attention": args.attention == "on",
         "widths": tuple(max(8, round(w * args.width)) for w in DEFAULT_CONFIG["widths"]),
         "highpass": not args.no_highpass,
         "stem_stride": args.stem_stride,
+        "attention_stage": args.attention_stage,
     }
-    model = FaceCheckNet(config).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    weights = class_weights(train_labels).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
+
+class ShardOfSampler(torch.utils.data.Sampler):
+    """This process's share (indices rank, rank + world, ...) of a sampler every process draws
+    identically (same seed, same generator). DistributedSampler can only shuffle uniformly; the
+    training draw is source-balanced (weighted, with replacement), hence this wrapper. In a
+    world of one it is the sampler itself."""
+
+    def __init__(self, sampler, rank, world):
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        return iter(indices[self.rank : len(indices) // self.world * self.world : self.world])
+
+    def __len__(self):
+        return len(self.sampler) // self.world
+
+
+def seed_worker_for_rank(rank, worker_id):
+    """Loader workers of different processes must not augment alike: every process draws the
+    same base seed (the shared sampler generator), so offset it by the rank (rank 0 unchanged)."""
+    if rank:
+        torch.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
+
+
+def default_workers(device, world):
+    """Augmentation is the input pipeline's cost: on CUDA every spare core works for the GPUs."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 2) // max(1, torch.cuda.device_count()) - 1))
+
+
+def build_loader(args, data, rank, world, device):
+    """Augmented, source-balanced (or uniform) batches of batch_size / world per process; the
+    generator, shared by the sampler and the workers' base seed, is saved in last.pt."""
     generator = torch.Generator().manual_seed(args.seed)
     dataset = AugmentedImages(
-        train_images,
-        train_labels,
-        train_transform(size, args.degrade_p, args.jpeg_p, args.min_crop, args.rescale_p),
+        data.train_images,
+        data.train_labels,
+        train_transform(data.size, args.degrade_p, args.jpeg_p, args.min_crop, args.rescale_p),
     )
     if args.sampler == "source-balanced":
         sampler = WeightedRandomSampler(
-            source_balanced_weights(train_rows),
+            source_balanced_weights(data.train_rows),
             len(dataset),
             replacement=True,
             generator=generator,
@@ -547,168 +627,325 @@ def main(argv=None):
         sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
     loader = DataLoader(
         dataset,
-        batch_size=args.batch_size,
-        sampler=sampler,
+        batch_size=args.batch_size // world,
+        sampler=ShardOfSampler(sampler, rank, world),
         drop_last=True,
         num_workers=args.workers,
         persistent_workers=args.workers > 0,
         generator=generator,
+        worker_init_fn=partial(seed_worker_for_rank, rank),
         pin_memory=device.type == "cuda",
     )
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=args.lr,
-        epochs=args.epochs,
-        steps_per_epoch=len(loader),
-        pct_start=0.15,
+    return loader, generator
+
+
+def build_training(args, data, rank, world, device):
+    """Model (DDP-wrapped when world > 1), optimizer, schedule, loader, AMP and loss weights."""
+    config = model_config(args, data.size)
+    model = FaceCheckNet(config).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        if world > 1:
+            # Batch norm over the global batch, not each GPU's slice of it: with 8 GPUs and a
+            # batch of 64 each would normalise over 8 faces (measured on CPU, where SyncBatchNorm
+            # does not run: 8 faces per process cost 16 points of validation accuracy on the
+            # tiny test set, 16 did not). Same state_dict keys, so checkpoints do not change.
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    amp = amp_dtype(device, args.precision)
+    loader, generator = build_loader(args, data, rank, world, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    t = SimpleNamespace(
+        config=config,
+        model=model,  # the plain module: validation, checkpoints
+        trained=DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=args.lr,
+            epochs=args.epochs,
+            steps_per_epoch=len(loader),
+            pct_start=0.15,
+        ),
+        loader=loader,
+        generator=generator,
+        amp=amp,
+        # fp16 needs loss scaling against underflow; bf16 (fp32's exponent range) does not.
+        scaler=torch.amp.GradScaler(enabled=amp == torch.float16),
+        weights=class_weights(data.train_labels).to(device),
+        # Before any RNG state is restored: building a model consumes random numbers.
+        params=count_parameters(model),
+        flops=count_flops(FaceCheckNet(config)),
+        history=[],
+        stopper=EarlyStopping(args.patience),
+        start_epoch=1,
+        rank=rank,
+        world=world,
+        device=device,
     )
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda")
+    return t
 
-    # Before the RNG state is restored below: building a model consumes random numbers.
-    params, flops = count_parameters(model), count_flops(FaceCheckNet(config))
-    start_epoch, history, stopper = 1, [], EarlyStopping(args.patience)
-    if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        generator.set_state(resume["sampler_rng"])
-        torch.set_rng_state(resume["torch_rng"])
-        start_epoch = resume["epoch"] + 1
-        history = resume["history"]
-        stopper = EarlyStopping(args.patience, resume["best_val_loss"], resume["bad_epochs"])
-        print(f"resumed {args.resume} at epoch {start_epoch}")
 
-    print(
-        f"model: attention {args.attention}, {params:,} parameters, {flops / 1e6:.0f} MFLOPs/image; "
-        f"device {device}; train {len(train_labels)} ({(train_labels == 0).sum()} real, "
-        f"{(train_labels == 1).sum()} fake), val {len(val_labels)}; class weights "
-        f"{[round(w, 3) for w in weights.tolist()]}"
+def restore(t, resume, args):
+    """Put a last.pt's weights, optimizer, schedule, sampler and RNG states back."""
+    if resume is None:
+        return
+    t.model.load_state_dict(resume["model"])
+    t.optimizer.load_state_dict(resume["optimizer"])
+    t.scheduler.load_state_dict(resume["scheduler"])
+    if "scaler" in resume:
+        t.scaler.load_state_dict(resume["scaler"])
+    t.generator.set_state(resume["sampler_rng"])
+    torch.set_rng_state(resume["torch_rng"])  # rank 0's; the others reseed from their rank
+    if t.rank:
+        torch.manual_seed(args.seed + 1_000_003 * t.rank + resume["epoch"])
+    t.start_epoch = resume["epoch"] + 1
+    t.history = resume["history"]
+    t.stopper = EarlyStopping(args.patience, resume["best_val_loss"], resume["bad_epochs"])
+    if t.rank == 0:
+        print(f"resumed {args.resume} at epoch {t.start_epoch}")
+
+
+def run_device(t):
+    """Where and how a run trained, saved in every checkpoint."""
+    info = {"type": t.device.type, "world_size": t.world, "precision": precision_name(t.amp)}
+    if t.device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(t.device)
+    else:
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def checkpoint_state(t, args, data, epoch, val_metrics, threshold, with_training_state):
+    state = {
+        "format": "facecheck",
+        "version": 1,
+        "config": {
+            **t.config,
+            "widths": list(t.config["widths"]),
+            "mean": list(t.config["mean"]),
+            "std": list(t.config["std"]),
+        },
+        "model": {k: v.detach().cpu() for k, v in t.model.state_dict().items()},
+        "class_names": list(CLASS_NAMES),
+        "image_size": data.size,
+        "faces": data.faces,  # how prepare_data.py framed the data: infer.py must do the same
+        "threshold": threshold,
+        "threshold_rule": "validation, clean (until training ends)",
+        "epoch": epoch,
+        "val_metrics": val_metrics,
+        "manifest_sha256": data.manifest_sha256,
+        "data": str(args.data),
+        "git_commit": git_commit(),
+        "params": t.params,
+        "flops": t.flops,
+        "train_seconds": sum(h["seconds"] for h in t.history),
+        "train_args": dict(vars(args)),
+        "run_device": run_device(t),
+    }
+    if with_training_state:
+        state.update(
+            optimizer=t.optimizer.state_dict(),
+            scheduler=t.scheduler.state_dict(),
+            scaler=t.scaler.state_dict(),
+            sampler_rng=t.generator.get_state(),
+            torch_rng=torch.get_rng_state(),
+            history=t.history,
+            best_val_loss=t.stopper.best,
+            bad_epochs=t.stopper.bad_epochs,
+        )
+    return state
+
+
+def train_one_epoch(t, args, epoch):
+    """One pass over the sampler's draw; loss and accuracy summed over every process."""
+    t.trained.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(
+        t.loader,
+        desc=f"epoch {epoch}/{args.epochs}",
+        leave=False,
+        unit="batch",
+        disable=t.rank != 0,
     )
+    for images, labels in bar:
+        x = to_model_input(images).to(t.device, non_blocking=True)
+        y = labels.to(t.device, non_blocking=True)
+        if t.device.type == "cuda":
+            x = x.to(memory_format=torch.channels_last)
+        with torch.autocast(t.device.type, dtype=t.amp, enabled=t.amp is not None):
+            logits = t.trained(x)
+        logits = logits.float()
+        if args.loss == "focal":
+            loss = focal_loss(logits, y, t.weights, args.focal_gamma)
+        else:
+            loss = F.cross_entropy(logits, y, weight=t.weights)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    total_loss, correct, seen = all_sum(t, [total_loss, correct, seen])
+    return total_loss / seen, correct / seen, seen
 
-    def checkpoint(epoch, val_metrics, threshold, with_training_state):
-        state = {
-            "format": "facecheck",
-            "version": 1,
-            "config": {
-                **config,
-                "widths": list(config["widths"]),
-                "mean": list(config["mean"]),
-                "std": list(config["std"]),
-            },
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "class_names": list(CLASS_NAMES),
-            "image_size": size,
-            "faces": faces,  # how prepare_data.py framed the data: infer.py must do the same
-            "threshold": threshold,
-            "threshold_rule": "validation, clean (until training ends)",
-            "epoch": epoch,
-            "val_metrics": val_metrics,
-            "manifest_sha256": data_hash,
-            "data": str(data_dir),
-            "git_commit": git_commit(),
-            "params": params,
-            "flops": flops,
-            "train_seconds": sum(h["seconds"] for h in history),
-            "train_args": {k: v for k, v in vars(args).items()},
+
+def all_sum(t, values):
+    """Sum of values over every process (the values themselves in a world of one)."""
+    if t.world == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=t.device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def validate(t, data):
+    """prob_fake and logits of every validation image. Under DDP each process scores its share
+    and all gather; the BatchNorm statistics are rank 0's first (DDP trains on them, but every
+    process updated its own copy in its last step), so every process scores the same model."""
+    if t.world == 1:
+        return predict(t.model, data.val_images, t.device)
+    for buffer in t.model.buffers():
+        dist.broadcast(buffer, 0)
+    _, logits = predict(t.model, data.val_images[t.rank :: t.world], t.device)
+    parts = [None] * t.world
+    dist.all_gather_object(parts, logits)
+    logits = torch.empty(len(data.val_images), logits.shape[1])
+    for rank, part in enumerate(parts):
+        logits[rank :: t.world] = part
+    return logits.softmax(1)[:, 1], logits
+
+
+def end_of_epoch(t, args, data, epoch, row, prob, val_logits):
+    """Early stopping, best.pt on a new lowest validation loss, last.pt, history and curves
+    (files by rank 0 only, every one atomically). Returns whether to stop."""
+    out = Path(args.out)
+    stop = t.stopper.step(row["val_loss"])
+    t.history.append(row)
+    if t.rank != 0:
+        return stop
+    if t.stopper.improved:
+        threshold = choose_threshold(prob, data.val_labels, data.val_sources)
+        metrics = {
+            "loss": row["val_loss"],
+            "accuracy": row["val_acc"],
+            "accuracy_at_threshold": ((prob >= threshold).long() == data.val_labels)
+            .float()
+            .mean()
+            .item(),
         }
-        if with_training_state:
-            state.update(
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                sampler_rng=generator.get_state(),
-                torch_rng=torch.get_rng_state(),
-                history=history,
-                best_val_loss=stopper.best,
-                bad_epochs=stopper.bad_epochs,
-            )
-        return state
+        save_checkpoint(
+            out / "best.pt", checkpoint_state(t, args, data, epoch, metrics, threshold, False)
+        )
+    last = {"loss": row["val_loss"], "accuracy": row["val_acc"]}
+    save_checkpoint(out / "last.pt", checkpoint_state(t, args, data, epoch, last, 0.5, True))
+    write_history(out / "history.csv", t.history)
+    plot_curves(t.history, out / "curves.png")
+    print(
+        f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
+        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  {row['seconds']:.0f}s "
+        f"({row['images_per_s']:.0f} img/s){'  *best' if t.stopper.improved else ''}",
+        flush=True,
+    )
+    if stop:
+        print(f"early stop: no lower validation loss for {args.patience} epochs")
+    return stop
 
+
+def train_epochs(t, args, data):
+    """The epoch loop; Ctrl-C or SIGTERM ends it with last.pt holding the last whole epoch."""
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
-    completed = start_epoch - 1
-    if not resume:  # from the first moment on, last.pt is a state a run can resume from
-        save_checkpoint(out / "last.pt", checkpoint(0, {}, 0.5, True))
+    out = Path(args.out)
+    completed = t.start_epoch - 1
+    if t.rank == 0 and t.start_epoch == 1:  # from the first moment on, last.pt can resume
+        save_checkpoint(out / "last.pt", checkpoint_state(t, args, data, 0, {}, 0.5, True))
     try:
-        for epoch in range(start_epoch, args.epochs + 1):
+        for epoch in range(t.start_epoch, args.epochs + 1):
             started = time.time()
-            model.train()
-            total_loss, correct, seen = 0.0, 0, 0
-            bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, unit="batch")
-            for images, labels in bar:
-                x = to_model_input(images).to(device, non_blocking=True)
-                y = labels.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    x = x.to(memory_format=torch.channels_last)
-                with torch.autocast(device.type, enabled=device.type == "cuda"):
-                    logits = model(x)
-                logits = logits.float()
-                if args.loss == "focal":
-                    loss = focal_loss(logits, y, weights, args.focal_gamma)
-                else:
-                    loss = F.cross_entropy(logits, y, weight=weights)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                total_loss += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-                bar.set_postfix(loss=f"{total_loss / seen:.4f}")
-            prob, val_logits = predict(model, val_images, device)
-            val_loss = F.cross_entropy(val_logits, val_labels).item()
-            val_acc = ((prob >= 0.5).long() == val_labels).float().mean().item()
+            train_loss, train_acc, seen = train_one_epoch(t, args, epoch)
+            prob, val_logits = validate(t, data)
+            seconds = time.time() - started
             row = {
                 "epoch": epoch,
-                "lr": scheduler.get_last_lr()[0],
-                "train_loss": total_loss / seen,
-                "train_acc": correct / seen,
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "seconds": time.time() - started,
+                "lr": t.scheduler.get_last_lr()[0],
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "val_loss": F.cross_entropy(val_logits, data.val_labels).item(),
+                "val_acc": ((prob >= 0.5).long() == data.val_labels).float().mean().item(),
+                "seconds": seconds,
+                "images_per_s": seen / seconds,
             }
-            history.append(row)
-            stop = stopper.step(val_loss)
-            if stopper.improved:
-                threshold = choose_threshold(prob, val_labels, val_sources)
-                val_acc_t = ((prob >= threshold).long() == val_labels).float().mean().item()
-                metrics = {
-                    "loss": val_loss,
-                    "accuracy": val_acc,
-                    "accuracy_at_threshold": val_acc_t,
-                }
-                save_checkpoint(out / "best.pt", checkpoint(epoch, metrics, threshold, False))
-            save_checkpoint(
-                out / "last.pt",
-                checkpoint(epoch, {"loss": val_loss, "accuracy": val_acc}, 0.5, True),
-            )
+            stop = end_of_epoch(t, args, data, epoch, row, prob, val_logits)
             completed = epoch
-            write_history(out / "history.csv", history)
-            plot_curves(history, out / "curves.png")
-            print(
-                f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
-                f"val loss {val_loss:.4f} acc {val_acc:.3f}  {row['seconds']:.0f}s"
-                f"{'  *best' if stopper.improved else ''}",
-                flush=True,
-            )
             if stop:
-                print(f"early stop: no lower validation loss for {args.patience} epochs")
                 break
     except KeyboardInterrupt:
-        # last.pt already holds the last finished epoch (it is written after every one).
-        print(
-            f"\ninterrupted: {out / 'last.pt'} holds epoch {completed}; "
-            f"continue with: python train.py --resume {out / 'last.pt'}"
-        )
+        if t.rank == 0:  # last.pt already holds the last finished epoch
+            print(
+                f"\ninterrupted: {out / 'last.pt'} holds epoch {completed}; continue with: "
+                f"{'torchrun ... ' if t.world > 1 else 'python '}train.py --resume {out / 'last.pt'}"
+            )
         sys.exit(130)
 
-    best = finish_best(out / "best.pt", val_images, val_labels.numpy(), val_sources, device)
-    total = sum(h["seconds"] for h in history)
-    print(
-        f"best epoch {best['epoch']}: val loss {best['val_metrics']['loss']:.4f}, "
-        f"val acc {best['val_metrics']['accuracy']:.4f} (at threshold {best['threshold']:.3f}: "
-        f"{best['val_metrics']['accuracy_at_threshold']:.4f}); {total / 60:.1f} min of training; "
-        f"saved {out / 'best.pt'}"
-    )
+
+def finish(t, args, data):
+    """The robust threshold and unsure band into best.pt (rank 0), then the summary line."""
+    if t.rank == 0:
+        best = finish_best(
+            Path(args.out) / "best.pt",
+            data.val_images,
+            data.val_labels.numpy(),
+            data.val_sources,
+            t.device,
+        )
+        total = sum(h["seconds"] for h in t.history)
+        print(
+            f"best epoch {best['epoch']}: val loss {best['val_metrics']['loss']:.4f}, val acc "
+            f"{best['val_metrics']['accuracy']:.4f} (at threshold {best['threshold']:.3f}: "
+            f"{best['val_metrics']['accuracy_at_threshold']:.4f}); {total / 60:.1f} min of "
+            f"training; saved {Path(args.out) / 'best.pt'}"
+        )
+    if t.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print_setup(t, args, data):
+    if t.rank == 0:
+        labels = data.train_labels
+        print(
+            f"model: attention {args.attention}, {t.params:,} parameters, "
+            f"{t.flops / 1e6:.0f} MFLOPs/image; device {t.device} x {t.world}, "
+            f"{precision_name(t.amp)}, {args.workers} loader workers; train {len(labels)} "
+            f"({(labels == 0).sum()} real, {(labels == 1).sum()} fake), val "
+            f"{len(data.val_labels)}; class weights {[round(w, 3) for w in t.weights.tolist()]}"
+        )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.refinish:
+        return refinish(args.refinish, args.device)
+    resume = load_resume(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed(args.device)
+    if args.batch_size % world:
+        sys.exit(f"error: --batch-size {args.batch_size} does not split over {world} processes")
+    if args.workers is None:
+        args.workers = default_workers(device, world)
+    set_seed(args.seed + rank)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    data = load_data(Path(args.data))
+    t = build_training(args, data, rank, world, device)
+    restore(t, resume, args)
+    print_setup(t, args, data)
+    train_epochs(t, args, data)
+    finish(t, args, data)
 
 
 def write_history(path, history):

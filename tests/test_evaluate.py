@@ -216,10 +216,15 @@ def test_compare_tiny_runs(tiny_runs, prepared, tmp_path, capsys):
         assert r["epochs"] == 2 and r["seed"] == 0
     assert runs["on"]["params"] > runs["off"]["params"]  # the attention layer costs parameters
     assert runs["on"]["flops"] > runs["off"]["flops"]
-    (pair,) = result["mcnemar"]["pairs"]
-    assert pair["seed"] == 0 and pair["b"] + pair["c"] <= pair["n"]
-    assert pair["p_value"] == pytest.approx(evaluate.mcnemar_exact(pair["b"], pair["c"]))
-    assert result["mcnemar"]["pooled"]["b"] == pair["b"]
+    for split in ("val", "test"):
+        (pair,) = result["mcnemar"][split]["pairs"]
+        assert pair["seed"] == 0 and pair["b"] + pair["c"] <= pair["n"]
+        assert pair["p_value"] == pytest.approx(evaluate.mcnemar_exact(pair["b"], pair["c"]))
+        assert result["mcnemar"][split]["pooled"]["b"] == pair["b"]
+    # b - c is the accuracy gap in images: McNemar and the accuracies tell one story.
+    val_pair = result["mcnemar"]["val"]["pairs"][0]
+    gap = runs["on"]["val_accuracy"] - runs["off"]["val_accuracy"]
+    assert val_pair["b"] - val_pair["c"] == round(gap * val_pair["n"])
     # test_accuracy matches a single-run evaluation of the same checkpoint.
     single = evaluate.main([
         "--checkpoint", str(tiny_runs["off"]), "--data", str(prepared), "--out", str(tmp_path / "e"),
@@ -233,7 +238,7 @@ def test_compare_tiny_runs(tiny_runs, prepared, tmp_path, capsys):
         shutil.copytree(tiny_runs[arm], parent / f"{arm}-s{seed}")
     three = evaluate.compare_runs([parent], data=str(prepared))
     assert len(three["runs"]) == 3 and three["arms"]["on"]["n_runs"] == 2
-    assert len(three["mcnemar"]["pairs"]) == 1  # one "off" run to pair with
+    assert len(three["mcnemar"]["val"]["pairs"]) == 1  # one "off" run to pair with
     assert "± " in evaluate.compare_markdown(three)
 
 
@@ -320,16 +325,57 @@ def test_help_explains_every_flag(capsys):
 
 
 def test_verdict_rule():
-    def result(on_acc, off_acc, std, b, c, p):
-        arm = lambda acc: {"val_accuracy": {"mean": acc, "std": std}}  # noqa: E731
+    def result(on_acc, off_acc, pairs, p, lofo=None):
+        arm = lambda acc: {"val_accuracy": {"mean": acc, "std": 0.01}}  # noqa: E731
+        b, c = sum(b for b, _ in pairs), sum(c for _, c in pairs)
         return {
             "arms": {"on": arm(on_acc), "off": arm(off_acc)},
-            "mcnemar": {"pooled": {"b": b, "c": c, "p_value": p}},
+            "mcnemar": {
+                "val": {
+                    "pairs": [{"b": b, "c": c} for b, c in pairs],
+                    "pooled": {"b": b, "c": c, "p_value": p},
+                }
+            },
+            **({"lofo": lofo} if lofo else {}),
         }
 
-    assert evaluate.verdict(result(0.95, 0.90, 0.01, 60, 10, 1e-6)).startswith("attention helps")
-    assert evaluate.verdict(result(0.90, 0.95, 0.01, 10, 60, 1e-6)).startswith("attention hurts")
-    # A gap inside the seed spread, or a non-significant test, is no gain: the simple model ships.
-    assert evaluate.verdict(result(0.95, 0.94, 0.02, 60, 10, 1e-6)).startswith("no measurable gain")
-    assert evaluate.verdict(result(0.95, 0.90, 0.01, 12, 10, 0.8)).startswith("no measurable gain")
-    assert evaluate.verdict({"arms": {}, "mcnemar": {"pooled": None}}).startswith("undecided")
+    def lofo(mean_on, mean_off, worst_on=0.5, worst_off=0.5):
+        return {"sources": {"x": {}}, "mean_on": mean_on, "mean_off": mean_off,
+                "worst_real_on": worst_on, "worst_real_off": worst_off}  # fmt: skip
+
+    ahead = [(30, 5), (25, 6), (20, 10)]
+    same = lofo(0.7, 0.7)
+    # Route A: >= 1 point, ahead in 2 of 3 pairs, p < 0.05, and leave-one-out no worse.
+    assert evaluate.verdict(result(0.92, 0.90, ahead, 1e-6, same)).startswith("attention helps")
+    # Without leave-one-out, a validation lead alone decides nothing.
+    assert evaluate.verdict(result(0.92, 0.90, ahead, 1e-6)).startswith("undecided")
+    # Under a point, not significant, ahead in too few pairs, or worse when held out: off ships.
+    for r in (
+        result(0.905, 0.90, ahead, 1e-6, same),
+        result(0.92, 0.90, ahead, 0.2, same),
+        result(0.92, 0.90, [(30, 5), (5, 25), (5, 25)], 1e-6, same),
+        result(0.92, 0.90, ahead, 1e-6, lofo(0.6, 0.7)),
+        result(0.92, 0.90, ahead, 1e-6, lofo(0.7, 0.7, worst_on=0.1, worst_off=0.3)),
+    ):
+        assert evaluate.verdict(r).startswith("no gain that pays"), r
+    # Route B: level on validation, 5 points better on sources it never saw.
+    assert evaluate.verdict(result(0.902, 0.90, [(10, 9)], 0.9, lofo(0.76, 0.70))).startswith(
+        "attention helps"
+    )
+    assert evaluate.verdict(result(0.902, 0.90, [(10, 9)], 0.9, lofo(0.73, 0.70))).startswith(
+        "no gain"
+    )
+    empty = {"arms": {}, "mcnemar": {"val": {"pairs": [], "pooled": None}}}
+    assert evaluate.verdict(empty).startswith("undecided")
+
+
+def test_lofo_comparison_pairs_the_sources_both_arms_held_out():
+    on = [{"held_out": "a", "label": "real", "unseen_accuracy": 0.6},
+          {"held_out": "b", "label": "fake", "unseen_accuracy": 0.9},
+          {"held_out": "c", "label": "real", "unseen_accuracy": 0.1}]  # fmt: skip
+    off = [{"held_out": "a", "label": "real", "unseen_accuracy": 0.4},
+           {"held_out": "b", "label": "fake", "unseen_accuracy": 0.8}]  # fmt: skip
+    got = evaluate.lofo_comparison(on, off)
+    assert set(got["sources"]) == {"a", "b"}  # c was held out by one arm only
+    assert got["mean_on"] == pytest.approx(0.75) and got["mean_off"] == pytest.approx(0.6)
+    assert got["worst_real_on"] == 0.6 and got["worst_real_off"] == 0.4

@@ -1,4 +1,4 @@
-"""results/lofo.py on the tiny dataset: holding out a real source scores its photos as reals."""
+"""experiments/lofo.py on the tiny dataset: holding out a real source scores its photos as reals."""
 
 import json
 import sys
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "results"))
+sys.path.insert(0, str(ROOT / "experiments"))
 
 
 def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(

@@ -35,21 +35,27 @@ def test_parameter_budget_and_the_only_difference_is_the_attention_layer():
     assert count_flops(on) > count_flops(off) > 0
 
 
-def test_attention_rows_sum_to_one_and_start_as_identity():
-    model = FaceCheckNet({"attention": True}).eval()
+@pytest.mark.parametrize("stage, positions", [(2, 16 * 16), (1, 32 * 32)])
+def test_attention_rows_sum_to_one_and_start_as_identity(stage, positions):
+    model = FaceCheckNet({"attention": True, "attention_stage": stage}).eval()
     torch.nn.init.normal_(model.attention.query.weight)
     model.attention.keep_map = True
     x = torch.rand(2, 3, 128, 128)
     model(x)
     attn = model.attention.last_map
-    assert attn.shape == (2, 256, 256)
-    assert torch.allclose(attn.sum(-1), torch.ones(2, 256), atol=1e-5)
-    # gamma starts at 0: the layer is the identity until training moves it.
+    assert attn.shape == (2, positions, positions)
+    assert torch.allclose(attn.sum(-1), torch.ones(2, positions), atol=1e-5)
+    # gamma starts at 0: the layer is the identity until training moves it, wherever it sits.
     plain = FaceCheckNet({"attention": False}).eval()
     plain.load_state_dict(
         {k: v for k, v in model.state_dict().items() if not k.startswith("attention.")}
     )
     assert torch.allclose(model(x), plain(x), atol=1e-6)
+
+
+def test_attention_stage_is_checked():
+    with pytest.raises(ValueError, match="attention_stage"):
+        FaceCheckNet({"attention": True, "attention_stage": 3})
 
 
 def test_focal_loss_with_gamma_zero_is_weighted_cross_entropy():

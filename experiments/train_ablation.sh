@@ -3,7 +3,7 @@
 # except ABLATION_ARGS, by default blur/JPEG at 0.3 / 0.3 and crop 0.75, the defaults when the
 # first recorded ablation ran. ABLATION_ARGS= (empty) runs train.py's defaults of today, the
 # shipped model's augmentation (results/ablation-shipped-aug.*).
-# Usage: bash results/train_ablation.sh [DATA] [RUNS]   (defaults data/faces runs/ablation)
+# Usage: bash experiments/train_ablation.sh [DATA] [RUNS]   (defaults data/faces runs/ablation)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-data/faces}

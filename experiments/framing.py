@@ -1,6 +1,6 @@
 """Does the detector depend on how the face is framed?
 
-    python results/framing.py models/facecheck.pt --split test --out results/framing.md
+    python experiments/framing.py models/facecheck.pt --split test --out results/framing.md
 
 For each image of the split this re-makes the model input from the ORIGINAL photo, from the
 landmarks prepare_data.py recorded, with the face square scaled by each of FRAMINGS (0.8 =
@@ -52,7 +52,7 @@ def framed_inputs(rows, originals, size, framing):
     return np.stack(images)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -60,9 +60,10 @@ def main(argv=None):
     p.add_argument("--data", default="data/faces", help="prepared dataset (default data/faces)")
     p.add_argument("--split", default="test", help="default test")
     p.add_argument("--out", default="results/framing.md", help="default results/framing.md")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    rows = read_manifest(args.data, args.split)
+
+def decode_originals(rows):
     originals = []
     for row in rows:
         original = Path(row["original"])
@@ -70,6 +71,39 @@ def main(argv=None):
         if not original.is_file():
             sys.exit(f"error: {original} not found; this check needs the original photos")
         originals.append(decode_image(original))
+    return originals
+
+
+def accuracy_per_framing(path, rows, originals, labels, sources, names):
+    """{(source or "all", framing): accuracy} of one checkpoint at its own threshold."""
+    model, ckpt = load_checkpoint(path)
+    acc = {}
+    for framing in FRAMINGS:
+        images = framed_inputs(rows, originals, ckpt["image_size"], framing)
+        prob, _ = predict(model, images, torch.device("cpu"))  # N x H x W x 3 is accepted
+        correct = (prob.numpy() >= ckpt["threshold"]) == (labels == 1)
+        for name in names:
+            acc[name, framing] = correct[(sources == name) | (name == "all")].mean()
+    return acc
+
+
+def table_rows(path, acc, sources, names):
+    lines = []
+    for name in names:
+        cells = [
+            f"{acc[name, f]:.3f}"
+            + ("" if f == 1.0 else f" ({100 * (acc[name, f] - acc[name, 1.0]):+.1f})")
+            for f in FRAMINGS
+        ]
+        n = int(((sources == name) | (name == "all")).sum())
+        lines.append(f"| {path} | {name} | {n} | {' | '.join(cells)} |")
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = read_manifest(args.data, args.split)
+    originals = decode_originals(rows)
     labels = np.array([CLASS_NAMES.index(r["label"]) for r in rows])
     sources = np.array([r["source"] for r in rows])
     names = ["all", *sorted(np.unique(sources), key=lambda s: (labels[sources == s][0], s))]
@@ -82,23 +116,8 @@ def main(argv=None):
         "|---|---|---|" + "---|" * len(FRAMINGS),
     ]
     for path in args.checkpoints:
-        model, ckpt = load_checkpoint(path)
-        size, threshold = ckpt["image_size"], ckpt["threshold"]
-        acc = {}
-        for framing in FRAMINGS:
-            images = framed_inputs(rows, originals, size, framing)
-            prob, _ = predict(model, images, torch.device("cpu"))  # N x H x W x 3 is accepted
-            correct = (prob.numpy() >= threshold) == (labels == 1)
-            for name in names:
-                acc[name, framing] = correct[(sources == name) | (name == "all")].mean()
-        for name in names:
-            cells = [
-                f"{acc[name, f]:.3f}"
-                + ("" if f == 1.0 else f" ({100 * (acc[name, f] - acc[name, 1.0]):+.1f})")
-                for f in FRAMINGS
-            ]
-            n = int(((sources == name) | (name == "all")).sum())
-            lines.append(f"| {path} | {name} | {n} | {' | '.join(cells)} |")
+        acc = accuracy_per_framing(path, rows, originals, labels, sources, names)
+        lines += table_rows(path, acc, sources, names)
     text = "\n".join(lines) + "\n"
     print(text)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the data-v2 figures in results/ and the shipped models/ from a clean clone plus the
 # shared faces (14 sources, faces found by MTCNN):
-#   mkdir -p data && ln -s ../../shared/data/faces data/raw && make setup && bash results/reproduce.sh
+#   mkdir -p data && ln -s ../../shared/data/faces data/raw && make setup && bash experiments/reproduce.sh
 # On a 2-core CPU: 17 min preparing, ~45 min the shipped model, ~13 min per leave-one-out run
 # (14 of them). Every step skips what is already there, so a cut-short call resumes.
 set -euo pipefail
@@ -29,7 +29,7 @@ cp results/shipped-test/metrics.json results/metrics.json
 for f in confusion_matrix roc per_source calibration robustness heatmaps; do
   cp results/shipped-test/$f.png results/$f.png
 done
-$PY results/framing.py models/facecheck.pt --data data/faces --split test --out results/framing.md
+$PY experiments/framing.py models/facecheck.pt --data data/faces --split test --out results/framing.md
 
 # 4. Export (FP32, INT8 for ONNX Runtime and for TensorRT) and speed.
 $PY export.py --checkpoint models/facecheck.pt --out models/facecheck.onnx --int8 --calib-data data/faces
@@ -37,7 +37,27 @@ $PY bench/speed.py --checkpoint models/facecheck.pt --json results/speed.json
 $PY bench/detector.py --raw data/raw --json results/detector.json
 
 # 5. Leave one source out, every source of both classes once, 6 epochs each (stated as such).
-$PY results/lofo.py --data data/faces --epochs 6 --patience 6 --runs runs/lofo-v2 \
+$PY experiments/lofo.py --data data/faces --epochs 6 --patience 6 --runs runs/lofo-v2 \
   --out results/lofo-v2.json --sources ffhq sd15_portraits ffhq_128 celeba_crops lfw \
   allagefaces unsplash amfd sd14_portraits tpdne_128 stylegan1_140k tpdne_1024 \
   tpdne_stylegan2 boredhumans
+$PY experiments/lofo_table.py results/lofo-v2.json --in-distribution results/metrics.json \
+  --out results/lofo-v2.md
+$PY bench/augment.py --data data/faces --n 400 --runs 2 --json results/augment.json
+
+# 6. Does attention help? (README: the rule was written before these runs; issue 16.) Not run
+# yet: the commands are here so the plan is exact.
+#   placement pilot, 6 epochs, one seed each:
+#     $PY train.py --attention on --attention-stage 2 --epochs 6 --patience 6 --out runs/att-pilot-s2
+#     $PY train.py --attention on --attention-stage 1 --epochs 6 --patience 6 --out runs/att-pilot-s1
+#   3 seeds per arm at the shipped schedule (off seed 0 = runs/ship-off-s0):
+#     for s in 1 2; do $PY train.py --attention off --seed $s --out runs/att-v2/off-s$s; done
+#     for s in 0 1 2; do $PY train.py --attention on --seed $s --out runs/att-v2/on-s$s; done
+#   the on arm's leave-one-out (the off arm's is step 5):
+#     $PY experiments/lofo.py --attention on --epochs 6 --patience 6 --runs runs/lofo-v2-on \
+#       --out results/lofo-v2-on.json --sources ffhq lfw ffhq_128 celeba_crops allagefaces \
+#       unsplash amfd sd15_portraits
+#   the verdict, the table and the figure:
+#     $PY evaluate.py --compare runs/ship-off-s0 runs/att-v2 --lofo results/lofo-v2-on.json \
+#       results/lofo-v2.json --out results/attention-v2
+#     $PY experiments/attention_figure.py --on runs/att-v2/on-s0 --off runs/ship-off-s0

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # HISTORY: the data-v1 pipeline (5 sources, whole-image crops). It ran at commit 2fd24e5 and
-# needs that commit (prepare_data.py --crop is gone); results/reproduce.sh is today's.
+# needs that commit (prepare_data.py --crop is gone); experiments/reproduce.sh is today's.
 # Rebuild everything in results/ and models/ from a clean clone plus the shared faces:
-#   mkdir -p data && ln -s ../../shared/data/faces data/raw && make setup && bash results/reproduce.sh
+#   mkdir -p data && ln -s ../../shared/data/faces data/raw && make setup && bash experiments/reproduce.sh
 # About 7-8 hours on a 2-core CPU (sixteen 10-epoch trainings of 9-13 minutes, four of 45-60
 # minutes, five 20-epoch leave-one-source-out ones of 10-17).
 set -euo pipefail
@@ -14,14 +14,14 @@ PY=${PY:-.venv/bin/python}
   $PY prepare_data.py --real data/raw/real/* --fake data/raw/fake/* --out data/faces --crop lfw=0.62
 
 # 2. The ablation: attention off / on, seeds 0-2, blur/JPEG at 0.3 / 0.3 (train_ablation.sh).
-bash results/train_ablation.sh data/faces runs/ablation
+bash experiments/train_ablation.sh data/faces runs/ablation
 $PY evaluate.py --compare runs/ablation --data data/faces --out runs/ablation/compare
 cp runs/ablation/compare/compare.json results/ablation.json
 cp runs/ablation/compare/compare.md results/ablation.md
 
 # 2a. The same ablation under train.py's defaults of today (the shipped model's augmentation:
 #     blur 0.6, JPEG 0.7, crops of 40-100 %; still 10 epochs).
-ABLATION_ARGS= bash results/train_ablation.sh data/faces runs/ablation-shipped-aug
+ABLATION_ARGS= bash experiments/train_ablation.sh data/faces runs/ablation-shipped-aug
 $PY evaluate.py --compare runs/ablation-shipped-aug --data data/faces --out runs/ablation-shipped-aug/compare
 cp runs/ablation-shipped-aug/compare/compare.json results/ablation-shipped-aug.json
 cp runs/ablation-shipped-aug/compare/compare.md results/ablation-shipped-aug.md
@@ -88,8 +88,8 @@ $PY evaluate.py --checkpoint models/facecheck.pt --data data/faces --split test 
   --robustness --heatmaps 16 --out results/shipped-test --json results/metrics.json
 cp results/shipped-test/{confusion_matrix,roc,per_source,calibration,robustness,heatmaps}.png results/
 $PY export.py --checkpoint models/facecheck.pt --out models/facecheck.onnx --int8 --calib-data data/faces
-$PY results/thresholds.py --checkpoint models/facecheck.pt --data data/faces --out results/thresholds.md
-$PY results/framing.py models/facecheck.pt runs/recipes/blur0.6-jpeg0.7/best.pt
+$PY experiments/thresholds.py --checkpoint models/facecheck.pt --data data/faces --out results/thresholds.md
+$PY experiments/framing.py models/facecheck.pt runs/recipes/blur0.6-jpeg0.7/best.pt
 # 3b. Attention spot check under the shipped recipe: the same command with the other arm,
 #     compared on validation only (one seed: a spot check, not an ablation).
 other=$([ "$arm" = on ] && echo off || echo on)
@@ -122,10 +122,10 @@ $PY evaluate.py --checkpoint runs/ablation/attention-on-seed0/best.pt --data dat
 cp runs/ablation/attention-on-seed0/eval-heatmaps/heatmaps.png results/heatmaps-attention-on.png
 
 # 5. Generalisation to an unseen generator (and an unseen real source), and speed.
-$PY results/lofo.py --data data/faces --epochs 20 --runs runs/lofo-e20 --out results/lofo.json
+$PY experiments/lofo.py --data data/faces --epochs 20 --runs runs/lofo-e20 --out results/lofo.json
 # Real sources: no early stop (with patience 5 the run without LFW stopped at epoch 6, at the
 # one-cycle schedule's peak learning rate, before it had learned anything).
-$PY results/lofo.py --data data/faces --epochs 20 --patience 20 --label real \
+$PY experiments/lofo.py --data data/faces --epochs 20 --patience 20 --label real \
   --runs runs/lofo-real-p20 --out results/lofo-real.json
 $PY bench/speed.py --checkpoint models/facecheck.pt --calib-data data/faces --json results/speed.json
 

@@ -1,6 +1,6 @@
 """Which decision threshold? The shipped rule against the one it replaced, on validation only.
 
-    python results/thresholds.py --checkpoint models/facecheck.pt --out results/thresholds.md
+    python experiments/thresholds.py --checkpoint models/facecheck.pt --out results/thresholds.md
 
 Both rules sweep the threshold over the validation images clean and after each of
 common.THRESHOLD_PERTURBATIONS (what train.robust_threshold does at the end of training):
@@ -26,7 +26,7 @@ from model import load_checkpoint  # noqa: E402
 from train import scores_for_threshold, threshold_over_conditions  # noqa: E402
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -35,8 +35,11 @@ def main(argv=None):
     )
     p.add_argument("--data", default="data/faces", help="prepared dataset (default data/faces)")
     p.add_argument("--out", default="results/thresholds.md", help="default results/thresholds.md")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
     model, ckpt = load_checkpoint(args.checkpoint)
     images, labels, rows = load_split(args.data, "val", ckpt["image_size"], progress=True)
     labels = labels.numpy()

@@ -1,0 +1,187 @@
+"""Leave one source out: how does the detector do on a generator (or a camera) it never saw?
+
+    python experiments/lofo.py --data data/faces --epochs 20 --out results/lofo.json
+    python experiments/lofo.py --label real --epochs 20 --out results/lofo-real.json
+    python experiments/lofo.py --sources ffhq sd15_portraits --epochs 6 --out results/lofo-v2.json
+
+For each source X of the class --label (fake by default) in the prepared dataset: write a
+dataset that is the same manifest without X (images shared through a symlink, nothing
+copied), train on it with the given settings (train.py's defaults otherwise), then score every
+image of X (all of them unseen) against the test images of the other class.
+Reports accuracy on X at the checkpoint's threshold, ROC-AUC of X vs the other class's test
+images, the accuracy on those, and the accuracy on the remaining in-distribution test split.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common import atomic_write, load_rows, read_manifest, write_csv  # noqa: E402
+from model import load_checkpoint, predict  # noqa: E402
+from train import parse_args as train_defaults  # noqa: E402
+from train import saved_train_args  # noqa: E402
+
+
+def score(model, rows):
+    prob, _ = predict(model, load_rows(rows), torch.device("cpu"))
+    return prob.numpy()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data", default="data/faces", help="prepared dataset (default data/faces)")
+    p.add_argument("--runs", default="runs/lofo", help="where the runs go (default runs/lofo)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per run (default 6)")
+    p.add_argument("--attention", choices=["on", "off"], default="off", help="default off")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="early-stopping patience (default train.py's); = --epochs for no early stop",
+    )
+    p.add_argument(
+        "--label",
+        choices=["fake", "real"],
+        default="fake",
+        help="hold out the sources of this class, one at a time (default fake)",
+    )
+    p.add_argument(
+        "--sources",
+        nargs="+",
+        default=None,
+        help="hold out these sources (either class), in this order, instead of every source of "
+        "--label; a run already in --runs is reused, so a cut-short call resumes",
+    )
+    p.add_argument("--out", default="results/lofo.json", help="default results/lofo.json")
+    return p.parse_args(argv)
+
+
+def wanted_recipe(args):
+    """How every run must have been trained: as asked, and otherwise with today's default
+    recipe (the defaults move when a better recipe is found, and an older run must not slip in)."""
+    defaults = vars(train_defaults([]))
+    wanted = {
+        k: defaults[k] for k in ("degrade_p", "jpeg_p", "min_crop", "rescale_p", "width", "loss")
+    }
+    patience = defaults["patience"] if args.patience is None else args.patience
+    return wanted | {"epochs": args.epochs, "attention": args.attention, "patience": patience}
+
+
+def write_subset(data, rows, held_out):
+    """The dataset without one source: its own manifest, the images shared through a symlink."""
+    subset = data.parent / f"{data.name}-without-{held_out}"
+    subset.mkdir(exist_ok=True)
+    if not (subset / "images").exists():
+        os.symlink(data / "images", subset / "images")
+    fields = [k for k in rows[0] if k != "file"]  # the manifest's own columns
+    kept = [{k: r[k] for k in fields} for r in rows if r["source"] != held_out]
+    write_csv(subset / "manifest.csv", kept, fields)
+    if (data / "summary.json").is_file():  # how the faces were framed: train.py reads it
+        shutil.copyfile(data / "summary.json", subset / "summary.json")
+    return subset
+
+
+def train_without(subset, run, recipe):
+    """train.py on the subset, as a user would run it. A run counts as finished only once
+    train.py returned (run/done); one cut short (a session's end, Ctrl-C) continues from its
+    last.pt where it stopped. Returns the best checkpoint, refused if trained otherwise."""
+    if not (run / "done").exists():
+        if (run / "last.pt").exists():
+            cmd = [sys.executable, str(ROOT / "train.py"), "--resume", str(run / "last.pt")]
+        else:
+            cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(subset), "--out", str(run),
+                   "--epochs", str(recipe["epochs"]), "--attention", recipe["attention"],
+                   "--patience", str(recipe["patience"])]  # fmt: skip
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        (run / "done").touch()
+    model, ckpt = load_checkpoint(run / "best.pt")
+    trained = {k: saved_train_args(ckpt).get(k) for k in recipe}
+    if trained != recipe:
+        sys.exit(f"error: {run} was trained with {trained}; remove it or pass another --runs")
+    return model, ckpt
+
+
+def score_held_out(model, ckpt, rows, held_out, is_fake):
+    """Every image of the held-out source (all unseen) against the other class's test images."""
+    unseen = [r for r in rows if r["source"] == held_out]
+    prob_unseen = score(model, unseen)
+    # The other class's test images are part of the seen test split: decode and score once.
+    seen_test = [r for r in rows if r["split"] == "test" and r["source"] != held_out]
+    prob_seen = score(model, seen_test)
+    labels_seen = np.array([r["label"] == "fake" for r in seen_test])
+    prob_other = prob_seen[labels_seen != is_fake]
+    t = ckpt["threshold"]
+    auc = roc_auc_score(
+        np.r_[np.full(len(unseen), is_fake), np.full(len(prob_other), not is_fake)],
+        np.r_[prob_unseen, prob_other],
+    )
+    return {
+        "held_out": held_out,
+        "label": "fake" if is_fake else "real",
+        "n_unseen": len(unseen),
+        "unseen_accuracy": float(((prob_unseen >= t) == is_fake).mean()),
+        "unseen_accuracy_at_0.5": float(((prob_unseen >= 0.5) == is_fake).mean()),
+        "unseen_vs_other_class_test_auc": float(auc),
+        "other_class_test_accuracy": float(((prob_other >= t) != is_fake).mean()),
+        "seen_test_accuracy": float(((prob_seen >= t) == labels_seen).mean()),
+        "threshold": t,
+        "best_epoch": ckpt["epoch"],
+        "train_seconds": ckpt["train_seconds"],
+    }
+
+
+def save_results(path, results):
+    text = json.dumps({"runs": results}, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def print_table(results):
+    print("| held-out source | class | n | accuracy on it | AUC vs other class test "
+          "| other class test acc | seen test acc | threshold |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['held_out']} | {r['label']} | {r['n_unseen']} | {r['unseen_accuracy']:.3f} | "
+            f"{r['unseen_vs_other_class_test_auc']:.3f} | {r['other_class_test_accuracy']:.3f} "
+            f"| {r['seen_test_accuracy']:.3f} | {r['threshold']:.3f} |"
+        )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    data = Path(args.data).resolve()
+    rows = read_manifest(data)
+    label_of = {r["source"]: r["label"] for r in rows}
+    held_out_sources = args.sources or sorted(s for s in label_of if label_of[s] == args.label)
+    unknown = [s for s in held_out_sources if s not in label_of]
+    if unknown:
+        sys.exit(
+            f"error: no source {unknown[0]!r} in {data} (sources: {', '.join(sorted(label_of))})"
+        )
+    recipe = wanted_recipe(args)
+    results = []
+    for held_out in held_out_sources:
+        subset = write_subset(data, rows, held_out)
+        model, ckpt = train_without(subset, Path(args.runs) / f"without-{held_out}", recipe)
+        result = score_held_out(model, ckpt, rows, held_out, label_of[held_out] == "fake")
+        results.append(result | {"epochs": args.epochs, "patience": recipe["patience"]})
+        print(json.dumps(results[-1]), flush=True)
+        save_results(args.out, results)  # after every run: a cut-short call keeps what it measured
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

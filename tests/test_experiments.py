@@ -1,0 +1,56 @@
+"""experiments/: the attention-vs-saliency figure on the two tiny runs, the leave-one-out table."""
+
+import json
+import sys
+
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+sys.path.insert(0, str(ROOT / "experiments"))
+
+
+def test_attention_figure_shows_both_arms_on_the_same_faces(tiny_runs, prepared, tmp_path, capsys):
+    import attention_figure
+
+    out = tmp_path / "fig.png"
+    attention_figure.main(["--on", str(tiny_runs["on"]), "--off", str(tiny_runs["off"]),
+                           "--split", "val", "--out", str(out)])  # fmt: skip
+    with Image.open(out) as im:
+        im.verify()
+    n_sources = 4  # the tiny set's camera, people, ganA and ganB
+    assert f"{n_sources} faces" in capsys.readouterr().out
+    # Arms swapped: refused in one line, nothing written.
+    with pytest.raises(SystemExit, match="is not an attention-o(n|ff) model"):
+        attention_figure.main(["--on", str(tiny_runs["off"]), "--off", str(tiny_runs["on"]),
+                               "--out", str(tmp_path / "no.png")])  # fmt: skip
+    assert not (tmp_path / "no.png").exists()
+
+
+def test_faces_per_source_takes_each_source_once_reals_first():
+    import attention_figure
+
+    rows = [{"source": s, "label": lab} for s, lab in
+            [("g", "fake"), ("a", "real"), ("g", "fake"), ("b", "real"), ("a", "real")]]  # fmt: skip
+    assert attention_figure.faces_per_source(rows, 1) == [1, 3, 0]
+    assert attention_figure.faces_per_source(rows, 2) == [1, 4, 3, 0, 2]
+
+
+def test_lofo_table_lists_reals_first_worst_first(tmp_path, capsys):
+    import lofo_table
+
+    run = {"n_unseen": 10, "unseen_accuracy_at_0.5": 0.5, "threshold": 0.5,
+           "unseen_vs_other_class_test_auc": 0.6, "other_class_test_accuracy": 0.7,
+           "seen_test_accuracy": 0.8}  # fmt: skip
+    runs = [{**run, "held_out": "g", "label": "fake", "unseen_accuracy": 0.1},
+            {**run, "held_out": "b", "label": "real", "unseen_accuracy": 0.9},
+            {**run, "held_out": "a", "label": "real", "unseen_accuracy": 0.2}]  # fmt: skip
+    (tmp_path / "lofo.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "metrics.json").write_text(
+        json.dumps({"per_source": [{"source": "a", "accuracy": 0.95}]})
+    )
+    lofo_table.main([str(tmp_path / "lofo.json"), "--in-distribution",
+                     str(tmp_path / "metrics.json"), "--out", str(tmp_path / "t.md")])  # fmt: skip
+    lines = (tmp_path / "t.md").read_text().splitlines()[2:]
+    assert [ln.split(" | ")[0] for ln in lines] == ["| a", "| b", "| g"]
+    assert lines[0].endswith("| 0.950 |") and lines[1].endswith("| - |")
