@@ -681,30 +681,42 @@ def make_detector(meta):
     return FaceDetector(device=pick_device("auto"))
 
 
+def classify_all(run, files, meta, args):
+    """Every file through the detector and the model, with a progress bar: (rows, seconds)."""
+    from tqdm import tqdm
+
+    detector = make_detector(meta)
+    start = time.perf_counter()
+    with tqdm(
+        total=len(files), unit="img", disable=args.quiet, file=sys.stderr, leave=False
+    ) as bar:
+        rows = classify(run, files, meta["image_size"], detector, args.batch, args.workers, bar)
+    return rows, time.perf_counter() - start
+
+
+def print_summary(args, summary, meta, threshold, band, images_per_s):
+    wrote = [p for p in (None if args.csv == "-" else args.csv, args.json, args.save) if p]
+    print(f"{summary['images']} images, {summary['faces']} faces: {summary['real']} real, "
+          f"{summary['fake']} fake, {summary['unsure']} unsure (prob_fake {band[0]:.3f}-{band[1]:.3f}); "
+          f"{summary['no_face']} without a face, {summary['unreadable']} unreadable. "
+          f"{images_per_s:.1f} images/s ({meta['backend']}, {meta['precision']}, "
+          f"threshold {threshold:.4f}, faces: {meta.get('faces', 'whole')})"
+          + (f"; wrote {', '.join(map(str, wrote))}" if wrote else ""), file=sys.stderr)  # fmt: skip
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         files, roots = collect_files(args.paths)
         names = saved_copy_names(files, roots, args.save) if args.save else None
         run, meta = load_model(args.model)
+        # An engine that fails mid-folder is an InferError too: one line, no traceback.
+        rows, seconds = classify_all(run, files, meta, args)
     except InferError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from tqdm import tqdm
-
-    detector = make_detector(meta)
     threshold = meta["threshold"] if args.threshold is None else args.threshold
     band = meta["unsure_band"] if args.threshold is None else [threshold, threshold]
-    start = time.perf_counter()
-    with tqdm(
-        total=len(files), unit="img", disable=args.quiet, file=sys.stderr, leave=False
-    ) as bar:
-        try:
-            rows = classify(run, files, meta["image_size"], detector, args.batch, args.workers, bar)
-        except InferError as exc:  # e.g. an engine that fails mid-folder: one line, no traceback
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    seconds = time.perf_counter() - start
     for r in rows:
         if r["status"] == "unreadable":
             print(f"skipped {printable(r['path'])}: {r['reason']}", file=sys.stderr)
@@ -718,13 +730,7 @@ def main(argv=None):
         write_json(args.json, rows, summary, meta, threshold, band)
     if names:
         save_annotated(rows, names, meta["class_names"], args.workers)
-    wrote = [p for p in (None if args.csv == "-" else args.csv, args.json, args.save) if p]
-    print(f"{summary['images']} images, {summary['faces']} faces: {summary['real']} real, "
-          f"{summary['fake']} fake, {summary['unsure']} unsure (prob_fake {band[0]:.3f}-{band[1]:.3f}); "
-          f"{summary['no_face']} without a face, {summary['unreadable']} unreadable. "
-          f"{len(files) / seconds:.1f} images/s ({meta['backend']}, {meta['precision']}, "
-          f"threshold {threshold:.4f}, faces: {meta.get('faces', 'whole')})"
-          + (f"; wrote {', '.join(map(str, wrote))}" if wrote else ""), file=sys.stderr)  # fmt: skip
+    print_summary(args, summary, meta, threshold, band, len(files) / seconds)
     return 0
 
 
