@@ -121,57 +121,68 @@ def calibration_images(args, data, size):
     return rng.integers(0, 256, (args.calib_count, size, size, 3), dtype=np.uint8), "uniform noise"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, meta, data, source = load_model(args)
-    size, flops = meta["image_size"], count_flops(model)
-    results = {"model": source, "image_size": size, "attention": bool(meta["attention"]),
-               "flops_per_image": flops, "params": count_parameters(model), "threads": args.threads}  # fmt: skip
+def build_backends(args, model, meta, data, tmp):
+    """Every backend this machine has, built in tmp: {name: run(x)} and the INT8 calibration."""
+    size, calibration = meta["image_size"], None
 
     @torch.inference_mode()
     def eager(x):
         return model(torch.from_numpy(x))
 
     backends = {"torch_eager": eager}
+    fp32 = Path(tmp) / "facecheck.onnx"
+    export.export_onnx(model, fp32, meta)
+    backends["onnxruntime_fp32"] = ort_runner(fp32, args.threads)
+    if not args.no_int8:
+        images, calibration = calibration_images(args, data, size)
+        export.quantize_int8(fp32, Path(tmp) / "facecheck.int8.onnx", images, target="cpu")
+        backends["onnxruntime_int8"] = ort_runner(Path(tmp) / "facecheck.int8.onnx", args.threads)
+    if (problem := export.tensorrt_problem()) is None:
+        import infer
+
+        paths = {"fp32": fp32, "fp16": Path(tmp) / "facecheck.fp16.onnx"}
+        export.save_checked(export.convert_to_fp16(onnx.load(str(fp32))), paths["fp16"])
+        if not args.no_int8:  # TensorRT takes the float-bias Q/DQ model, not the CPU one
+            paths["int8"] = Path(tmp) / "facecheck.int8-trt.onnx"
+            export.quantize_int8(fp32, paths["int8"], images, target="tensorrt")
+        for precision in [p for p in ("fp32", "fp16", "int8") if p in paths]:
+            engine = Path(tmp) / f"facecheck.{precision}.engine"
+            build = export.build_engine(paths, engine, precision, size, args.batch)
+            export.write_engine_metadata(engine, build["onnx"], precision, build)
+            backends[f"tensorrt_{precision}"] = infer.load_engine(engine)[0]
+    else:
+        print(f"TensorRT skipped: {problem}", file=sys.stderr)
+    return backends, calibration
+
+
+def time_backends(backends, size, args):
+    """{name: {batch1_ms, batchN_img_s}} and the machine's matmul GFLOP/s, timed in the same
+    rounds as the batch runs (so a busy machine shows in both)."""
+    gen = torch.Generator().manual_seed(0)
+    one, many = (torch.rand(n, 3, size, size, generator=gen).numpy() for n in (1, args.batch))
+    latency = median_seconds(backends, one, args.runs, warmup=10, chunk=10)
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    backends = {**backends, "matmul": lambda _: torch.matmul(a, b)}
+    batch = median_seconds(backends, many, args.batch_runs, warmup=2, chunk=1)
+    matmul_gflops = 2 * 2048**3 / batch.pop("matmul") / 1e9
+    timings = {
+        name: {"batch1_ms": 1000 * latency[name], f"batch{args.batch}_img_s": args.batch / sec}
+        for name, sec in batch.items()
+    }
+    return timings, matmul_gflops
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, meta, data, source = load_model(args)
+    results = {"model": source, "image_size": meta["image_size"],
+               "attention": bool(meta["attention"]), "flops_per_image": count_flops(model),
+               "params": count_parameters(model), "threads": args.threads}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "facecheck.onnx"
-        export.export_onnx(model, fp32, meta)
-        backends["onnxruntime_fp32"] = ort_runner(fp32, args.threads)
-        if not args.no_int8:
-            images, calibration = calibration_images(args, data, size)
-            export.quantize_int8(fp32, Path(tmp) / "facecheck.int8.onnx", images, target="cpu")
-            backends["onnxruntime_int8"] = ort_runner(
-                Path(tmp) / "facecheck.int8.onnx", args.threads
-            )
-        if (problem := export.tensorrt_problem()) is None:
-            import infer
-
-            paths = {"fp32": fp32, "fp16": Path(tmp) / "facecheck.fp16.onnx"}
-            export.save_checked(export.convert_to_fp16(onnx.load(str(fp32))), paths["fp16"])
-            if not args.no_int8:  # TensorRT takes the float-bias Q/DQ model, not the CPU one
-                paths["int8"] = Path(tmp) / "facecheck.int8-trt.onnx"
-                export.quantize_int8(fp32, paths["int8"], images, target="tensorrt")
-            for precision in [p for p in ("fp32", "fp16", "int8") if p in paths]:
-                engine = Path(tmp) / f"facecheck.{precision}.engine"
-                build = export.build_engine(paths, engine, precision, size, args.batch)
-                export.write_engine_metadata(engine, build["onnx"], precision, build)
-                backends[f"tensorrt_{precision}"] = infer.load_engine(engine)[0]
-        else:
-            print(f"TensorRT skipped: {problem}", file=sys.stderr)
-
-        gen = torch.Generator().manual_seed(0)
-        one, many = (torch.rand(n, 3, size, size, generator=gen).numpy() for n in (1, args.batch))
-        latency = median_seconds(backends, one, args.runs, warmup=10, chunk=10)
-        a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
-        backends["matmul"] = lambda _: torch.matmul(a, b)  # timed in the same rounds as batch 64
-        batch = median_seconds(backends, many, args.batch_runs, warmup=2, chunk=1)
-    results["matmul_gflops"] = 2 * 2048**3 / batch.pop("matmul") / 1e9
-    for name, seconds in batch.items():
-        results[name] = {
-            "batch1_ms": 1000 * latency[name],
-            f"batch{args.batch}_img_s": args.batch / seconds,
-        }
+        backends, calibration = build_backends(args, model, meta, data, tmp)
+        timings, results["matmul_gflops"] = time_backends(backends, meta["image_size"], args)
+    results.update(timings)
     if "onnxruntime_int8" in results:
         results["onnxruntime_int8"]["calibration"] = calibration
     results["load_average"] = os.getloadavg()[0]
