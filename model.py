@@ -153,15 +153,16 @@ def count_flops(model, image_size=None):
 
 
 @torch.no_grad()
-def predict(model, images, device, batch_size=256):
-    """Fake-class probabilities and logits of uint8 images N x 3 x H x W."""
+def predict(model, images, device, batch_size=256, precision="auto"):
+    """Fake-class probabilities and logits of uint8 images N x 3 x H x W (mixed precision on
+    CUDA as common.amp_dtype says; train.py passes its --precision)."""
     model.eval()
+    dtype = amp_dtype(device, precision)
     logits = []
     for start in range(0, len(images), batch_size):
         batch = to_model_input(images[start : start + batch_size]).to(device)
         if device.type == "cuda":
             batch = batch.to(memory_format=torch.channels_last)
-        dtype = amp_dtype(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits.append(model(batch).float().cpu())
     logits = torch.cat(logits)

@@ -542,16 +542,16 @@ def setup_distributed(device_name):
     return rank, world, device
 
 
-def load_data(data_dir):
+def load_data(data_dir, progress):
     """Train and validation crops, decoded once into memory (every process holds them)."""
     if not (data_dir / "manifest.csv").is_file():
         sys.exit(
             f"error: no dataset at {data_dir} (manifest.csv missing); run prepare_data.py first"
         )
-    quiet = int(os.environ.get("RANK", "0")) != 0  # one progress bar, not one per process
-    train_images, train_labels, train_rows = load_split(data_dir, "train", None, not quiet)
-    val_images, val_labels, val_rows = load_split(data_dir, "val", progress=not quiet)
+    train_images, train_labels, train_rows = load_split(data_dir, "train", None, progress)
+    val_images, val_labels, val_rows = load_split(data_dir, "val", progress=progress)
     return SimpleNamespace(
+        dir=data_dir,
         train_images=train_images,
         train_labels=train_labels,
         train_rows=train_rows,
@@ -671,6 +671,7 @@ def build_training(args, data, rank, world, device):
         loader=loader,
         generator=generator,
         amp=amp,
+        precision=args.precision,
         # fp16 needs loss scaling against underflow; bf16 (fp32's exponent range) does not.
         scaler=torch.amp.GradScaler(enabled=amp == torch.float16),
         weights=class_weights(data.train_labels).to(device),
@@ -736,7 +737,7 @@ def checkpoint_state(t, args, data, epoch, val_metrics, threshold, with_training
         "epoch": epoch,
         "val_metrics": val_metrics,
         "manifest_sha256": data.manifest_sha256,
-        "data": str(args.data),
+        "data": str(data.dir),
         "git_commit": git_commit(),
         "params": t.params,
         "flops": t.flops,
@@ -808,10 +809,12 @@ def validate(t, data):
     and all gather; the BatchNorm statistics are rank 0's first (DDP trains on them, but every
     process updated its own copy in its last step), so every process scores the same model."""
     if t.world == 1:
-        return predict(t.model, data.val_images, t.device)
+        return predict(t.model, data.val_images, t.device, precision=t.precision)
     for buffer in t.model.buffers():
         dist.broadcast(buffer, 0)
-    _, logits = predict(t.model, data.val_images[t.rank :: t.world], t.device)
+    _, logits = predict(
+        t.model, data.val_images[t.rank :: t.world], t.device, precision=t.precision
+    )
     parts = [None] * t.world
     dist.all_gather_object(parts, logits)
     logits = torch.empty(len(data.val_images), logits.shape[1])
@@ -820,7 +823,7 @@ def validate(t, data):
     return logits.softmax(1)[:, 1], logits
 
 
-def end_of_epoch(t, args, data, epoch, row, prob, val_logits):
+def end_of_epoch(t, args, data, epoch, row, prob):
     """Early stopping, best.pt on a new lowest validation loss, last.pt, history and curves
     (files by rank 0 only, every one atomically). Returns whether to stop."""
     out = Path(args.out)
@@ -879,7 +882,7 @@ def train_epochs(t, args, data):
                 "seconds": seconds,
                 "images_per_s": seen / seconds,
             }
-            stop = end_of_epoch(t, args, data, epoch, row, prob, val_logits)
+            stop = end_of_epoch(t, args, data, epoch, row, prob)
             completed = epoch
             if stop:
                 break
@@ -940,7 +943,7 @@ def main(argv=None):
         args.workers = default_workers(device, world)
     set_seed(args.seed + rank)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    data = load_data(Path(args.data))
+    data = load_data(Path(args.data), progress=rank == 0)  # one progress bar, not one each
     t = build_training(args, data, rank, world, device)
     restore(t, resume, args)
     print_setup(t, args, data)

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import atomic_write, load_split  # noqa: E402
+from common import VIEW, atomic_write, load_split  # noqa: E402
 from train import parse_args as train_defaults  # noqa: E402
 from train import train_transform  # noqa: E402
 
@@ -52,11 +52,12 @@ def main(argv=None):
     images, _, _ = load_split(Path(args.data), "val", None, progress=False)
     images = images[: args.n]
     d = train_defaults([])
-    transform = train_transform(128, d.degrade_p, d.jpeg_p, d.min_crop, d.rescale_p)
+    size = round(images.shape[-1] * VIEW)  # the model's view of the stored crops (model_view)
+    transform = train_transform(size, d.degrade_p, d.jpeg_p, d.min_crop, d.rescale_p)
     rate = faces_per_second(images, transform, args.runs)
     result = {"faces_per_s_one_core": rate, "n": len(images), "stored_side": images.shape[-1]}
     print(f"augmentation: {rate:.0f} faces/s on one core ({len(images)} stored crops of "
-          f"{images.shape[-1]} px to 128 px, train.py's defaults)")  # fmt: skip
+          f"{images.shape[-1]} px to {size} px, train.py's defaults)")  # fmt: skip
     if args.json:
         text = json.dumps(result, indent=2) + "\n"
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))

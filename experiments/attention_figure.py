@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import CLASS_NAMES, load_split  # noqa: E402
+from common import CLASS_NAMES, load_rows, read_manifest  # noqa: E402
 from evaluate import (  # noqa: E402
     _plt,
     check_manifest,
@@ -87,19 +87,24 @@ def main(argv=None):
             sys.exit(f"error: --{name} {getattr(args, name)} is not an attention-{name} model")
         data_dir = resolve_data(ckpt, args.data)
         check_manifest(ckpt, data_dir)
-        arms[name] = {"model": model, "data": data_dir, "size": ckpt["image_size"]}
-    images, labels, rows = load_split(
-        arms["off"]["data"], args.split, model_size=arms["off"]["size"]
-    )
-    if not len(rows):
-        sys.exit(f"error: the {args.split} split is empty")
-    idx = faces_per_source(rows, args.per_source)
+        arms[name] = {"model": model, "data": data_dir, "ckpt": ckpt}
+    if arms["on"]["ckpt"]["manifest_sha256"] != arms["off"]["ckpt"]["manifest_sha256"]:
+        sys.exit("error: --on and --off were trained on different datasets")
+    # Only the faces shown are decoded, not the whole split.
+    rows = read_manifest(arms["off"]["data"], args.split)
+    if not rows:
+        sys.exit(f"error: the {args.split} split of {arms['off']['data']} is empty")
+    rows = [rows[i] for i in faces_per_source(rows, args.per_source)]
+    images = load_rows(rows)
+    if images.shape[-1] != arms["off"]["ckpt"]["image_size"]:
+        sys.exit(f"error: {arms['off']['data']} was prepared for another input size")
     for arm in arms.values():
-        prob, maps = explain(arm["model"].to(device), images[idx], device)
+        prob, maps = explain(arm["model"].to(device), images, device)
         arm.update(prob=prob.numpy(), maps=maps)
-    plot(images[idx], [rows[i] for i in idx], arms["off"], arms["on"], args.out)
-    right = {n: np.mean((a["prob"] >= 0.5) == (labels[idx].numpy() == 1)) for n, a in arms.items()}
-    print(f"saved {args.out}: {len(idx)} faces ({', '.join(CLASS_NAMES)}), at 0.5 off got "
+    plot(images, rows, arms["off"], arms["on"], args.out)
+    labels = np.array([r["label"] == "fake" for r in rows])
+    right = {n: np.mean((a["prob"] >= 0.5) == labels) for n, a in arms.items()}
+    print(f"saved {args.out}: {len(rows)} faces ({', '.join(CLASS_NAMES)}), at 0.5 off got "
           f"{right['off']:.2f} and on {right['on']:.2f} of them right")  # fmt: skip
 
 
