@@ -441,10 +441,12 @@ def finish_best(path, images, labels, sources, device):
 
 def saved_train_args(ckpt):
     """A checkpoint's train.py arguments with what older runs left implicit made explicit:
-    runs from before --jpeg-p re-compressed with the blur probability, --degrade-p."""
+    runs from before --jpeg-p re-compressed with the blur probability, --degrade-p, and those
+    from before --attention-stage put the layer after stage 2."""
     args = dict(ckpt["train_args"])
     args.setdefault("jpeg_p", args["degrade_p"])
     args.setdefault("rescale_p", 0.0)  # runs from before --rescale-p did not rescale
+    args.setdefault("attention_stage", 2)  # the one place before --attention-stage
     return args
 
 

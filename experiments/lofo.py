@@ -47,6 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=6, help="epochs per run (default 6)")
     p.add_argument("--attention", choices=["on", "off"], default="off", help="default off")
     p.add_argument(
+        "--attention-stage",
+        type=int,
+        choices=[1, 2],
+        default=2,
+        help="with --attention on: after which stage the layer sits (default 2, train.py's)",
+    )
+    p.add_argument(
         "--patience",
         type=int,
         default=None,
@@ -77,7 +84,10 @@ def wanted_recipe(args):
         k: defaults[k] for k in ("degrade_p", "jpeg_p", "min_crop", "rescale_p", "width", "loss")
     }
     patience = defaults["patience"] if args.patience is None else args.patience
-    return wanted | {"epochs": args.epochs, "attention": args.attention, "patience": patience}
+    wanted |= {"epochs": args.epochs, "attention": args.attention, "patience": patience}
+    if args.attention == "on":  # off runs carry no placement to check
+        wanted["attention_stage"] = args.attention_stage
+    return wanted
 
 
 def write_subset(data, rows, held_out):
@@ -105,6 +115,8 @@ def train_without(subset, run, recipe):
             cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(subset), "--out", str(run),
                    "--epochs", str(recipe["epochs"]), "--attention", recipe["attention"],
                    "--patience", str(recipe["patience"])]  # fmt: skip
+            if "attention_stage" in recipe:
+                cmd += ["--attention-stage", str(recipe["attention_stage"])]
         subprocess.run(cmd, check=True, cwd=ROOT)
         (run / "done").touch()
     model, ckpt = load_checkpoint(run / "best.pt")

@@ -45,19 +45,7 @@ $PY experiments/lofo_table.py results/lofo-v2.json --in-distribution results/met
   --out results/lofo-v2.md
 $PY bench/augment.py --data data/faces --n 400 --runs 2 --json results/augment.json
 
-# 6. Does attention help? (README: the rule was written before these runs; issue 16.) Not run
-# yet: the commands are here so the plan is exact.
-#   placement pilot, 6 epochs, one seed each:
-#     $PY train.py --attention on --attention-stage 2 --epochs 6 --patience 6 --out runs/att-pilot-s2
-#     $PY train.py --attention on --attention-stage 1 --epochs 6 --patience 6 --out runs/att-pilot-s1
-#   3 seeds per arm at the shipped schedule (off seed 0 = runs/ship-off-s0):
-#     for s in 1 2; do $PY train.py --attention off --seed $s --out runs/att-v2/off-s$s; done
-#     for s in 0 1 2; do $PY train.py --attention on --seed $s --out runs/att-v2/on-s$s; done
-#   the on arm's leave-one-out (the off arm's is step 5):
-#     $PY experiments/lofo.py --attention on --epochs 6 --patience 6 --runs runs/lofo-v2-on \
-#       --out results/lofo-v2-on.json --sources ffhq lfw ffhq_128 celeba_crops allagefaces \
-#       unsplash amfd sd15_portraits
-#   the verdict, the table and the figure:
-#     $PY evaluate.py --compare runs/ship-off-s0 runs/att-v2 --lofo results/lofo-v2-on.json \
-#       results/lofo-v2.json --out results/attention-v2
-#     $PY experiments/attention_figure.py --on runs/att-v2/on-s0 --off runs/ship-off-s0
+# 6. Does attention help? (README: the rule was written before these runs; issue 16.) The
+#    placement pilot, 3 seeds per arm at the shipped schedule, the on arm's leave-one-out and
+#    the verdict, each run resumable (~6.5 CPU hours):
+bash experiments/attention_v2.sh

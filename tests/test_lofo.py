@@ -57,3 +57,24 @@ def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(
         "--resume",
         str(tmp_path / "runs" / "without-camera" / "last.pt"),
     ]
+
+
+def test_the_attention_arm_trains_and_checks_its_placement(tmp_path, monkeypatch):
+    import lofo
+
+    on = lofo.wanted_recipe(lofo.parse_args(["--attention", "on", "--attention-stage", "1"]))
+    off = lofo.wanted_recipe(lofo.parse_args([]))
+    assert on["attention_stage"] == 1 and "attention_stage" not in off
+
+    calls = []
+    monkeypatch.setattr(lofo.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    (tmp_path / "run").mkdir()  # train.py would have made it
+    trained = {**on, "attention_stage": 2}  # the other placement
+    monkeypatch.setattr(lofo, "load_checkpoint", lambda path: (None, {"train_args": trained}))
+    try:
+        lofo.train_without(tmp_path / "subset", tmp_path / "run", on)
+    except SystemExit as exc:
+        assert "attention_stage" in str(exc)
+    else:
+        raise AssertionError("a run with the other placement was reused")
+    assert calls[0][-2:] == ["--attention-stage", "1"]

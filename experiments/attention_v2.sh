@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Does attention help on data v2? (issue 16 part 1; the README's rule was committed before
+# these runs.) Every run of the plan, in order, each one resumable: a finished run (its
+# `done` marker) is skipped, a cut one continues from its last.pt, so the same command picks
+# up where a session ended:
+#   nohup bash experiments/attention_v2.sh > logs/attention-v2.log 2>&1 &
+# About 6.5 hours of a 2-core CPU in all; see the README for the budget.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${DATA:-data/faces}
+
+# One train.py run: skipped when finished, resumed when cut, started otherwise.
+train() {
+  local out=$1
+  shift
+  if [[ -f $out/done ]]; then
+    echo "== $out: finished, reused"
+    return
+  fi
+  if [[ -f $out/last.pt ]]; then
+    echo "== $out: resuming from last.pt"
+    $PY train.py --resume "$out/last.pt"
+  else
+    echo "== $out: starting"
+    $PY train.py --data "$DATA" --out "$out" "$@"
+  fi
+  touch "$out/done"
+}
+
+# 1. Placement pilot: one seed of each placement at the leave-one-out schedule (6 epochs).
+train runs/att-pilot-s2 --attention on --attention-stage 2 --epochs 6 --patience 6
+train runs/att-pilot-s1 --attention on --attention-stage 1 --epochs 6 --patience 6
+
+# The rule written before the pilot: the higher validation accuracy at the run's own
+# threshold wins; within 0.5 points, stage 2 (the cheaper one) does.
+STAGE=$($PY - <<'EOF'
+import torch
+acc = {s: torch.load(f"runs/att-pilot-s{s}/best.pt", map_location="cpu", weights_only=False)
+       ["val_metrics"]["accuracy_at_threshold"] for s in (1, 2)}
+print(1 if acc[1] > acc[2] + 0.005 else 2)
+EOF
+)
+echo "== placement: stage $STAGE"
+
+# 2. Three seeds per arm at the shipped schedule (train.py's defaults, 20 epochs), paired
+#    in turn so a cut series still has whole pairs. Off seed 0 is the shipped run.
+train runs/ship-off-s0 --attention off --seed 0
+train runs/att-v2/on-s0 --attention on --attention-stage "$STAGE" --seed 0
+for s in 1 2; do
+  train runs/att-v2/off-s$s --attention off --seed $s
+  train runs/att-v2/on-s$s --attention on --attention-stage "$STAGE" --seed $s
+done
+
+# 3. The on arm's leave-one-out on every real source and the diffusion source sd15 (the off
+#    arm's is results/lofo-v2.json, same schedule).
+$PY experiments/lofo.py --data "$DATA" --attention on --attention-stage "$STAGE" \
+  --epochs 6 --patience 6 --runs runs/lofo-v2-on --out results/lofo-v2-on.json \
+  --sources ffhq lfw ffhq_128 celeba_crops allagefaces unsplash amfd sd15_portraits
+
+# 4. The verdict, the table and the figure.
+$PY evaluate.py --compare runs/ship-off-s0 runs/att-v2/* \
+  --lofo results/lofo-v2-on.json results/lofo-v2.json --out results/attention-v2
+$PY experiments/attention_figure.py --on runs/att-v2/on-s0 --off runs/ship-off-s0
