@@ -58,7 +58,15 @@ $PY experiments/lofo.py --data "$DATA" --attention on --attention-stage "$STAGE"
   --epochs 6 --patience 6 --runs runs/lofo-v2-on --out results/lofo-v2-on.json \
   --sources ffhq lfw ffhq_128 celeba_crops allagefaces unsplash amfd sd15_portraits
 
-# 4. The verdict, the table and the figure.
+# 4. The cost side: ORT batch-1 / batch-64 latency of each arm, timed with nothing else running
+#    (parameters, FLOPs and training time are in the checkpoints; --compare lists them).
+mkdir -p results/attention-v2
+$PY bench/speed.py --checkpoint runs/ship-off-s0/best.pt --no-int8 \
+  --json results/attention-v2/speed-off.json
+$PY bench/speed.py --checkpoint runs/att-v2/on-s0/best.pt --no-int8 \
+  --json results/attention-v2/speed-on.json
+
+# 5. The verdict, the table and the figure.
 $PY evaluate.py --compare runs/ship-off-s0 runs/att-v2/* \
   --lofo results/lofo-v2-on.json results/lofo-v2.json --out results/attention-v2
 $PY experiments/attention_figure.py --on runs/att-v2/on-s0 --off runs/ship-off-s0
