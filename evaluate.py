@@ -670,12 +670,14 @@ def table(header, rows):
 
 
 def compare_markdown(result):
-    header = ["run", "attention", "seed", "params", "MFLOPs", "epochs (best)", "val loss"]
-    header += ["val acc", "test acc", "test F1", "test AUC"]
+    header = ["run", "attention", "seed", "params", "MFLOPs", "epochs (best)", "train min"]
+    header += ["val loss", "val acc", "test acc", "test F1", "test AUC"]
     rows = []
     for r in result["runs"]:
-        cells = [Path(r["run"]).name, r["attention"], r["seed"], f"{r['params']:,}"]
-        cells += [f"{r['flops'] / 1e6:.0f}", f"{r['epochs']} ({r['best_epoch']})"]
+        minutes = "n/a" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.0f}"
+        arm = "off" if r["attention"] == "off" else f"on (stage {r['attention_stage']})"
+        cells = [Path(r["run"]).name, arm, r["seed"], f"{r['params']:,}"]
+        cells += [f"{r['flops'] / 1e6:.0f}", f"{r['epochs']} ({r['best_epoch']})", minutes]
         keys = ("val_loss", "val_accuracy", "test_accuracy", "test_f1", "test_auc")
         rows.append(cells + [_f(r[k]) for k in keys])
     text = table(header, rows)

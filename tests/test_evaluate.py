@@ -239,7 +239,8 @@ def test_compare_tiny_runs(tiny_runs, prepared, tmp_path, capsys):
     three = evaluate.compare_runs([parent], data=str(prepared))
     assert len(three["runs"]) == 3 and three["arms"]["on"]["n_runs"] == 2
     assert len(three["mcnemar"]["val"]["pairs"]) == 1  # one "off" run to pair with
-    assert "± " in evaluate.compare_markdown(three)
+    text = evaluate.compare_markdown(three)
+    assert "± " in text and "| on (stage 2) |" in text and "train min" in text
 
 
 def test_default_checkpoint_is_lowest_val_loss(tiny_runs, tmp_path):
