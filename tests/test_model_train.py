@@ -53,6 +53,29 @@ def test_attention_rows_sum_to_one_and_start_as_identity(stage, positions):
     assert torch.allclose(model(x), plain(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fused_attention_equals_the_plain_formula(stage):
+    # Training and export take F.scaled_dot_product_attention; the heatmaps take the plain
+    # softmax(QK^T)V that keeps the map. They must be the same layer, gradients included.
+    torch.manual_seed(0)
+    model = FaceCheckNet({"attention": True, "attention_stage": stage}).eval()
+    layer = model.attention
+    torch.nn.init.normal_(layer.query.weight)
+    torch.nn.init.normal_(layer.position, std=0.5)
+    layer.gamma.data.fill_(1.0)
+    x = torch.rand(2, 3, 128, 128)
+    outputs, grads = [], []
+    for keep_map in (False, True):
+        layer.keep_map = keep_map
+        model.zero_grad()
+        out = model(x)
+        out.sum().backward()
+        outputs.append(out.detach())
+        grads.append(layer.query.weight.grad.clone())
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
 def test_attention_stage_is_checked():
     with pytest.raises(ValueError, match="attention_stage"):
         FaceCheckNet({"attention": True, "attention_stage": 3})
