@@ -4,7 +4,8 @@
 # `done` marker) is skipped, a cut one continues from its last.pt, so the same command picks
 # up where a session ended:
 #   nohup bash experiments/attention_v2.sh > logs/attention-v2.log 2>&1 &
-# About 6.5 hours of a 2-core CPU in all; see the README for the budget.
+# About 11 hours of a 2-core CPU after the pilot (stage 1 picked); the README has the budget.
+# Edit this file only by replacing it (write a copy, then mv): a running bash reads it as it goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

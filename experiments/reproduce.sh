@@ -47,5 +47,5 @@ $PY bench/augment.py --data data/faces --n 400 --runs 2 --json results/augment.j
 
 # 6. Does attention help? (README: the rule was written before these runs; issue 16.) The
 #    placement pilot, 3 seeds per arm at the shipped schedule, the on arm's leave-one-out and
-#    the verdict, each run resumable (~6.5 CPU hours):
+#    the verdict, each run resumable (~11 CPU hours after the pilot):
 bash experiments/attention_v2.sh

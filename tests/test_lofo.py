@@ -4,6 +4,7 @@ import json
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import ROOT
 
@@ -71,10 +72,6 @@ def test_the_attention_arm_trains_and_checks_its_placement(tmp_path, monkeypatch
     (tmp_path / "run").mkdir()  # train.py would have made it
     trained = {**on, "attention_stage": 2}  # the other placement
     monkeypatch.setattr(lofo, "load_checkpoint", lambda path: (None, {"train_args": trained}))
-    try:
+    with pytest.raises(SystemExit, match="attention_stage"):  # not reused as if it matched
         lofo.train_without(tmp_path / "subset", tmp_path / "run", on)
-    except SystemExit as exc:
-        assert "attention_stage" in str(exc)
-    else:
-        raise AssertionError("a run with the other placement was reused")
     assert calls[0][-2:] == ["--attention-stage", "1"]
