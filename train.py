@@ -595,9 +595,13 @@ class ShardOfSampler(torch.utils.data.Sampler):
         return len(self.sampler) // self.world
 
 
-def seed_worker_for_rank(rank, worker_id):
-    """Loader workers of different processes must not augment alike: every process draws the
-    same base seed (the shared sampler generator), so offset it by the rank (rank 0 unchanged)."""
+def init_worker(rank, worker_id):
+    """Every loader worker: SIGTERM is left to the main process, which stops the run the Ctrl-C
+    way (a scheduler signals the whole job; a worker dying of it first would end the run with
+    a DataLoader error instead). Workers of different processes must not augment alike: every
+    process draws the same base seed (the shared sampler generator), so offset it by the rank
+    (rank 0 unchanged)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if rank:
         torch.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
 
@@ -635,7 +639,7 @@ def build_loader(args, data, rank, world, device):
         num_workers=args.workers,
         persistent_workers=args.workers > 0,
         generator=generator,
-        worker_init_fn=partial(seed_worker_for_rank, rank),
+        worker_init_fn=partial(init_worker, rank),
         pin_memory=device.type == "cuda",
     )
     return loader, generator

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,6 +213,51 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
     b = torch.load(run / "last.pt", weights_only=True)["model"]
     for key in a:  # deterministic on CPU: the resumed run ends exactly where the straight one does
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+
+def children(pid):
+    """PIDs whose parent is pid (Linux /proc)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
+        except (OSError, ValueError):
+            continue  # gone, or a line without a tab
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+def test_sigterm_to_the_whole_job_stops_cleanly_with_loader_workers(tmp_path, prepared):
+    # A scheduler (SLURM's scancel, `kill -- -PGID`) signals every process of the job, loader
+    # workers included: the run must still stop the Ctrl-C way, not with a worker traceback.
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--data", str(prepared), "--epochs", "50",
+         "--batch-size", "16", "--workers", "1", "--patience", "50", "--out", str(run)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (run / "history.csv").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the next epoch, workers busy
+    # The workers first (a group signal reaches them in no set order): were they to die of it,
+    # the main process would stop with "DataLoader worker is killed by signal".
+    workers = children(proc.pid)
+    assert workers, "no loader worker to signal"
+    for worker in workers:
+        os.kill(worker, signal.SIGTERM)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted:" in out and "Traceback" not in err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] >= 1
+    deadline = time.time() + 10  # and the workers, which ignored the signal, ended with it
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{w}").exists() for w in workers)
 
 
 def test_threshold_gives_every_validation_source_equal_say():
