@@ -30,18 +30,34 @@ train() {
 }
 
 # 1. Placement pilot: one seed of each placement at the leave-one-out schedule (6 epochs).
-train runs/att-pilot-s2 --attention on --attention-stage 2 --epochs 6 --patience 6
-train runs/att-pilot-s1 --attention on --attention-stage 1 --epochs 6 --patience 6
-
-# The rule written before the pilot: the higher validation accuracy at the run's own
-# threshold wins; within 0.5 points, stage 2 (the cheaper one) does.
-STAGE=$($PY - <<'EOF'
+#    Its outcome is kept in results/ (runs/ is not committed), so a fresh machine goes on
+#    from there instead of training the pilot again.
+PILOT=results/attention-v2/pilot.json
+if [[ ! -f $PILOT ]]; then
+  train runs/att-pilot-s2 --attention on --attention-stage 2 --epochs 6 --patience 6
+  train runs/att-pilot-s1 --attention on --attention-stage 1 --epochs 6 --patience 6
+  # The rule written before the pilot: the higher validation accuracy at the run's own
+  # threshold wins; within 0.5 points, stage 2 (the cheaper one) does.
+  mkdir -p results/attention-v2
+  $PY - "$PILOT" <<'EOF'
+import json, sys
 import torch
-acc = {s: torch.load(f"runs/att-pilot-s{s}/best.pt", map_location="cpu", weights_only=False)
-       ["val_metrics"]["accuracy_at_threshold"] for s in (1, 2)}
-print(1 if acc[1] > acc[2] + 0.005 else 2)
+runs = {}
+for s in (1, 2):
+    ckpt = torch.load(f"runs/att-pilot-s{s}/best.pt", map_location="cpu", weights_only=False)
+    runs[s] = {"run": f"runs/att-pilot-s{s}", "best_epoch": ckpt["epoch"],
+               "val_loss": ckpt["val_metrics"]["loss"],
+               "val_accuracy_at_threshold": ckpt["val_metrics"]["accuracy_at_threshold"],
+               "flops": ckpt["flops"], "params": ckpt["params"],
+               "train_seconds": ckpt["train_seconds"]}
+acc = {s: r["val_accuracy_at_threshold"] for s, r in runs.items()}
+stage = 1 if acc[1] > acc[2] + 0.005 else 2
+rule = "higher val accuracy at the run's own threshold; within 0.5 points, stage 2"
+result = {"rule": rule, "stage": stage, "runs": {f"stage{s}": r for s, r in runs.items()}}
+open(sys.argv[1], "w").write(json.dumps(result, indent=2) + "\n")
 EOF
-)
+fi
+STAGE=$($PY -c "import json; print(json.load(open('$PILOT'))['stage'])")
 echo "== placement: stage $STAGE"
 
 # 2. Three seeds per arm at the shipped schedule (train.py's defaults, 20 epochs), paired
