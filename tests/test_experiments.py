@@ -1,6 +1,7 @@
 """experiments/: the attention-vs-saliency figure on the two tiny runs, the leave-one-out table."""
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -54,3 +55,11 @@ def test_lofo_table_lists_reals_first_worst_first(tmp_path, capsys):
     lines = (tmp_path / "t.md").read_text().splitlines()[2:]
     assert [ln.split(" | ")[0] for ln in lines] == ["| a", "| b", "| g"]
     assert lines[0].endswith("| 0.950 |") and lines[1].endswith("| - |")
+
+
+def test_experiment_scripts_parse():
+    # The long plans (reproduce.sh, attention_v2.sh) run for hours unattended: a syntax
+    # error must not wait until the step it sits in.
+    for script in sorted((ROOT / "experiments").glob("*.sh")):
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script.name}: {result.stderr}"
