@@ -41,7 +41,9 @@ if [[ ! -f $PILOT ]]; then
   mkdir -p results/attention-v2
   $PY - "$PILOT" <<'EOF'
 import json, sys
+from pathlib import Path
 import torch
+from common import atomic_write
 runs = {}
 for s in (1, 2):
     ckpt = torch.load(f"runs/att-pilot-s{s}/best.pt", map_location="cpu", weights_only=False)
@@ -54,7 +56,7 @@ acc = {s: r["val_accuracy_at_threshold"] for s, r in runs.items()}
 stage = 1 if acc[1] > acc[2] + 0.005 else 2
 rule = "higher val accuracy at the run's own threshold; within 0.5 points, stage 2"
 result = {"rule": rule, "stage": stage, "runs": {f"stage{s}": r for s, r in runs.items()}}
-open(sys.argv[1], "w").write(json.dumps(result, indent=2) + "\n")
+atomic_write(sys.argv[1], lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
 EOF
 fi
 STAGE=$($PY -c "import json; print(json.load(open('$PILOT'))['stage'])")

@@ -50,8 +50,8 @@ def parse_args(argv=None):
         "--attention-stage",
         type=int,
         choices=[1, 2],
-        default=2,
-        help="with --attention on: after which stage the layer sits (default 2, train.py's)",
+        default=None,
+        help="with --attention on: after which stage the layer sits (default: train.py's)",
     )
     p.add_argument(
         "--patience",
@@ -86,7 +86,7 @@ def wanted_recipe(args):
     patience = defaults["patience"] if args.patience is None else args.patience
     wanted |= {"epochs": args.epochs, "attention": args.attention, "patience": patience}
     if args.attention == "on":  # off runs carry no placement to check
-        wanted["attention_stage"] = args.attention_stage
+        wanted["attention_stage"] = args.attention_stage or defaults["attention_stage"]
     return wanted
 
 

@@ -232,11 +232,12 @@ def test_sigterm_to_the_whole_job_stops_cleanly_with_loader_workers(tmp_path, pr
     # A scheduler (SLURM's scancel, `kill -- -PGID`) signals every process of the job, loader
     # workers included: the run must still stop the Ctrl-C way, not with a worker traceback.
     run = tmp_path / "run"
+    # Output to files: a pipe nobody reads until the end could fill up and stall train.py.
+    stdout, stderr = open(tmp_path / "out.txt", "w"), open(tmp_path / "err.txt", "w")
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), "--data", str(prepared), "--epochs", "50",
          "--batch-size", "16", "--workers", "1", "--patience", "50", "--out", str(run)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        cwd=ROOT, stdout=stdout, stderr=stderr, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 120
     while not (run / "history.csv").exists() and time.time() < deadline:
@@ -250,7 +251,9 @@ def test_sigterm_to_the_whole_job_stops_cleanly_with_loader_workers(tmp_path, pr
         os.kill(worker, signal.SIGTERM)
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    stdout.close(), stderr.close()
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted:" in out and "Traceback" not in err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] >= 1
