@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -325,8 +324,14 @@ class AugmentedImages(Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):
-        return self.transform(self.images[i]), self.labels[i]
+    def __getitem__(self, index_and_seed):
+        """(index, seed) from SeededShard: the augmentation draws from its own seed, so which
+        crop a sample gets depends on neither the worker that makes it nor the process's RNG
+        state, and a resumed run augments exactly as an uninterrupted one would."""
+        i, seed = index_and_seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(self.images[i]), self.labels[i]
 
 
 def choose_threshold(prob_fake, labels, sources=None, per_class=True):
@@ -578,32 +583,31 @@ def model_config(args, size):
     }
 
 
-class ShardOfSampler(torch.utils.data.Sampler):
-    """This process's share (indices rank, rank + world, ...) of a sampler every process draws
-    identically (same seed, same generator). DistributedSampler can only shuffle uniformly; the
-    training draw is source-balanced (weighted, with replacement), hence this wrapper. In a
-    world of one it is the sampler itself."""
+class SeededShard(torch.utils.data.Sampler):
+    """This process's share (draws rank, rank + world, ...) of a sampler every process draws
+    identically (same seed, same generator), each index paired with a seed for its
+    augmentation drawn from that same generator: the generator, saved in last.pt, is then the
+    whole of the input pipeline's randomness. DistributedSampler can only shuffle uniformly;
+    the training draw is source-balanced (weighted, with replacement), hence this wrapper."""
 
-    def __init__(self, sampler, rank, world):
-        self.sampler, self.rank, self.world = sampler, rank, world
+    def __init__(self, sampler, generator, rank, world):
+        self.sampler, self.generator, self.rank, self.world = sampler, generator, rank, world
 
     def __iter__(self):
         indices = list(self.sampler)
-        return iter(indices[self.rank : len(indices) // self.world * self.world : self.world])
+        seeds = torch.randint(2**62, (len(indices),), generator=self.generator).tolist()
+        end = len(indices) // self.world * self.world
+        return iter(list(zip(indices, seeds))[self.rank : end : self.world])
 
     def __len__(self):
         return len(self.sampler) // self.world
 
 
-def init_worker(rank, worker_id):
+def init_worker(worker_id):
     """Every loader worker: SIGTERM is left to the main process, which stops the run the Ctrl-C
     way (a scheduler signals the whole job; a worker dying of it first would end the run with
-    a DataLoader error instead). Workers of different processes must not augment alike: every
-    process draws the same base seed (the shared sampler generator), so offset it by the rank
-    (rank 0 unchanged)."""
+    a DataLoader error instead)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if rank:
-        torch.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
 
 
 def default_workers(device, world):
@@ -615,7 +619,7 @@ def default_workers(device, world):
 
 def build_loader(args, data, rank, world, device):
     """Augmented, source-balanced (or uniform) batches of batch_size / world per process; the
-    generator, shared by the sampler and the workers' base seed, is saved in last.pt."""
+    generator that draws them and their augmentation seeds is saved in last.pt."""
     generator = torch.Generator().manual_seed(args.seed)
     dataset = AugmentedImages(
         data.train_images,
@@ -634,12 +638,15 @@ def build_loader(args, data, rank, world, device):
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size // world,
-        sampler=ShardOfSampler(sampler, rank, world),
+        sampler=SeededShard(sampler, generator, rank, world),
         drop_last=True,
         num_workers=args.workers,
         persistent_workers=args.workers > 0,
-        generator=generator,
-        worker_init_fn=partial(init_worker, rank),
+        # The loader draws its workers' base seed from this one, not from the sampler's
+        # generator (a resumed run would draw it again and shift every later batch) nor from
+        # the global RNG (dropout's); the augmentation does not use the base seed.
+        generator=torch.Generator().manual_seed(args.seed),
+        worker_init_fn=init_worker,
         pin_memory=device.type == "cuda",
     )
     return loader, generator

@@ -117,7 +117,15 @@ def test_same_seed_gives_the_same_split_and_metrics_twice(tmp_path, raw_tree):
 def test_shards_cover_one_draw_once(world):
     import train
 
-    draw = list(range(10))
-    shards = [list(train.ShardOfSampler(draw, rank, world)) for rank in range(world)]
+    def shard(rank, world):  # every process seeds its own generator alike
+        generator = torch.Generator().manual_seed(0)
+        draw = torch.utils.data.RandomSampler(range(10), generator=generator)
+        return list(train.SeededShard(draw, generator, rank, world))
+
+    whole = shard(0, 1)
+    shards = [shard(rank, world) for rank in range(world)]
     assert all(len(s) == len(shards[0]) == 10 // world for s in shards)  # equal steps per rank
-    assert sorted(sum(shards, [])) == draw[: 10 // world * world]
+    # Together the processes take the one-process draw once, each index with the same seed.
+    assert sorted(sum(shards, [])) == sorted(whole[: 10 // world * world])
+    assert sorted(i for i, _ in whole) == list(range(10))
+    assert len({seed for _, seed in whole}) == 10

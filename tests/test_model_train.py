@@ -183,9 +183,12 @@ def test_train_resume_refuses_a_pickle_payload(tmp_path):
     assert not marker.exists()
 
 
-def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
-    common = ["--data", str(prepared), "--epochs", "3", "--batch-size", "16", "--workers", "0",
-              "--seed", "3", "--attention", "on", "--patience", "10"]  # fmt: skip
+@pytest.mark.parametrize("workers", [0, 1])
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, prepared, workers):
+    # With loader workers too: their augmentation must not depend on a worker's RNG state,
+    # which last.pt cannot hold (they once drew from it, and a resumed run drifted).
+    common = ["--data", str(prepared), "--epochs", "3", "--batch-size", "16",
+              "--workers", str(workers), "--seed", "3", "--attention", "on", "--patience", "10"]  # fmt: skip
     cmd = [sys.executable, str(ROOT / "train.py")]
     subprocess.run(
         [*cmd, *common, "--out", str(tmp_path / "straight")],
@@ -203,7 +206,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, prepared):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(read_history(run))
-    assert 1 <= done <= 3
+    assert 1 <= done < 3, "the run ended before the kill: nothing was resumed"
     result = subprocess.run(
         [*cmd, "--resume", str(run / "last.pt")], capture_output=True, text=True, cwd=ROOT
     )
