@@ -250,8 +250,12 @@ class FaceDetector:
         Boxes are clipped to the photo (MTCNN's may reach past its edges)."""
         h, w = images.shape[1:3]
         scale = min(1.0, self.max_side / max(h, w))
+        size = (round(w * scale), round(h * scale))
+        if min(size) < self.mtcnn.min_face_size:
+            # A side shorter than the smallest face looked for (a thumbnail, a thin panorama
+            # once shrunk): MTCNN has no pyramid scale for it and fails instead of finding none.
+            return [[] for _ in images]
         if scale < 1:
-            size = (round(w * scale), round(h * scale))
             images = np.stack(
                 [np.asarray(Image.fromarray(im).resize(size, Image.BILINEAR)) for im in images]
             )
@@ -383,7 +387,7 @@ def load_rows(rows, framing=1.0, progress=False, desc="load"):
     return stored if framing is None else model_view(stored, framing)
 
 
-def load_split(data_dir, split, framing=1.0, progress=False, model_size=None):
+def load_split(data_dir, split, *, framing=1.0, progress=False, model_size=None):
     """One split of a prepared dataset in memory: (uint8 N x 3 x H x W, labels, rows), the
     model's view (or the stored crops with framing=None). model_size: the side the model
     takes; a dataset made for another one is refused."""

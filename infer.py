@@ -521,10 +521,15 @@ def classify(run, files, size, detector=None, batch=32, workers=2, progress=None
         if rgb is None:
             rows.append({"path": path, "face": "", "status": "unreadable", "reason": reason})
         else:
-            faces = face_inputs(rgb, size, detector)
-            if not faces:
+            try:
+                faces = face_inputs(rgb, size, detector)
+            except Exception as exc:  # one photo the detector chokes on must not lose the folder
+                reason = f"face detection failed ({type(exc).__name__}: {exc})"
+                rows.append({"path": path, "face": "", "status": "unreadable", "reason": reason})
+                faces = None
+            if faces == []:
                 rows.append({"path": path, "face": "", "status": "no_face", "reason": ""})
-            for k, (box, image) in enumerate(faces):
+            for k, (box, image) in enumerate(faces or []):
                 x0, y0, x1, y1 = (round(float(v), 1) for v in box)
                 row = {"path": path, "face": k, "x0": x0, "y0": y0, "x1": x1, "y1": y1}
                 rows.append({**row, "status": "ok", "reason": ""})
@@ -592,6 +597,24 @@ def write_json(path, rows, summary, meta, threshold, band):
         "rows": [{"path": printable(r["path"]), **{k: r.get(k) for k in keys}} for r in rows],
     }  # fmt: skip
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n"))
+
+
+def check_destinations(args):
+    """Refuse output paths that cannot be written before the work, not after it: a --json
+    that fails once every photo is classified would leave the run half-written."""
+    files = [("--csv", args.csv)] if args.csv != "-" else []
+    files += [("--json", args.json)] if args.json else []
+    folders = [(flag, Path(path).parent) for flag, path in files]
+    folders += [("--save", Path(args.save))] if args.save else []
+    for flag, path in files:
+        if Path(path).is_dir():
+            raise InferError(f"{flag} {path} is a folder: name a file")
+    for flag, folder in folders:
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise InferError(f"{flag}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise InferError(f"{flag}: cannot write into {existing}")
 
 
 def saved_copy_names(files, roots, save_dir):
@@ -707,6 +730,7 @@ def print_summary(args, summary, meta, threshold, band, images_per_s):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_destinations(args)
         files, roots = collect_files(args.paths)
         names = saved_copy_names(files, roots, args.save) if args.save else None
         run, meta = load_model(args.model)
@@ -725,11 +749,15 @@ def main(argv=None):
         return 2
     label_rows(rows, threshold, band, meta["class_names"])
     summary = summarise(files, rows)
-    write_predictions(args.csv, rows)
-    if args.json:
-        write_json(args.json, rows, summary, meta, threshold, band)
-    if names:
-        save_annotated(rows, names, meta["class_names"], args.workers)
+    try:
+        write_predictions(args.csv, rows)
+        if args.json:
+            write_json(args.json, rows, summary, meta, threshold, band)
+        if names:
+            save_annotated(rows, names, meta["class_names"], args.workers)
+    except OSError as exc:  # a disk that filled up, a folder removed meanwhile
+        print(f"error: writing the results failed: {exc}", file=sys.stderr)
+        return 2
     print_summary(args, summary, meta, threshold, band, len(files) / seconds)
     return 0
 

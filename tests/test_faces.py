@@ -109,6 +109,13 @@ def detector():
     return FaceDetector()
 
 
+@pytest.mark.parametrize("height,width", [(10, 10), (19, 19), (8, 3000), (40, 4000)])
+def test_thumbnails_and_thin_panoramas_have_no_face(detector, height, width):
+    # MTCNN itself raises on these (no pyramid scale); a folder of photos must go on.
+    rgb = np.full((height, width, 3), 128, np.uint8)
+    assert detector(rgb) == [] and face_inputs(rgb, 32, detector) == []
+
+
 @needs_shared
 def test_detector_finds_the_face_in_every_source(detector):
     """Aligned 128 px thumbnails, ~105 px crops and 384 px photos alike: one face each, the

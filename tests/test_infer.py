@@ -192,6 +192,36 @@ def test_no_images_exits_2(case, models, tmp_path, capsys):
     assert not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.parametrize("case", ["csv_is_a_folder", "json_under_a_file", "save_is_a_file"])
+def test_unwritable_outputs_exit_2_before_any_work(case, folder, models, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    csv_path, extra = tmp_path / "p.csv", []
+    if case == "csv_is_a_folder":
+        csv_path = tmp_path
+    elif case == "json_under_a_file":
+        extra = ["--json", tmp_path / "a_file" / "p.json"]
+    else:
+        extra = ["--save", tmp_path / "a_file"]
+    rc, _, err = run([folder, "--model", models["onnx"], "--csv", csv_path, *extra], capsys)
+    assert rc == 2 and err.strip().splitlines() == [err.strip()] and err.startswith("error: --")
+    assert not (tmp_path / "p.csv").exists()  # refused before the CSV, not after it
+
+
+def test_a_photo_the_detector_fails_on_is_a_row_not_a_crash(tmp_path):
+    for name, colour in (("fails.png", 10), ("fine.png", 200)):
+        Image.new("RGB", (64, 64), (colour,) * 3).save(tmp_path / name)
+
+    def detector(rgb):
+        if rgb.mean() < 100:
+            raise ValueError("no pyramid scale")
+        return []
+
+    files = [tmp_path / "fails.png", tmp_path / "fine.png"]
+    rows = infer.classify(lambda x: np.zeros((len(x), 2)), files, 32, detector, workers=1)
+    assert [r["status"] for r in rows] == ["unreadable", "no_face"]
+    assert rows[0]["reason"] == "face detection failed (ValueError: no pyramid scale)"
+
+
 def test_bad_model_files_exit_2(folder, tmp_path, capsys, monkeypatch):
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07garbage that is not a protobuf model" * 10)
