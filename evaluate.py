@@ -87,7 +87,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--robustness",
         action="store_true",
-        help="re-evaluate after JPEG q95/75/50, downscale x0.5 and back, Gaussian blur sigma 1",
+        help="re-evaluate after JPEG q95/75/50, downscale x0.5 and back, Gaussian blur sigma 1, "
+        "zoom x1.2 / x1.5 (centre crop, resized back), and with the face framed 0.8x tighter "
+        "and 1.25x wider from its stored crop (robustness.png)",
     )
     p.add_argument(
         "--heatmaps",
@@ -819,10 +821,19 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     if not args.compare:
+        if args.lofo:
+            sys.exit(
+                "error: --lofo goes with --compare (the two arms' leave-one-out, side by side)"
+            )
         return evaluate_split(args, device)
     lofo = None
     if args.lofo:
-        on, off = (json.loads(Path(f).read_text())["runs"] for f in args.lofo)
+        try:
+            on, off = (json.loads(Path(f).read_text())["runs"] for f in args.lofo)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            sys.exit(
+                f"error: --lofo {' '.join(args.lofo)}: not experiments/lofo.py results ({exc})"
+            )
         lofo = {"on": on, "off": off}
     result = compare_runs(args.compare, args.data, device, args.batch_size, lofo)
     out = Path(args.out or "runs/compare")

@@ -49,7 +49,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)  # one loader worker = one core
     torch.manual_seed(0)
-    images, _, _ = load_split(Path(args.data), "val", None, progress=False)
+    images, _, _ = load_split(Path(args.data), "val", framing=None)
     images = images[: args.n]
     d = train_defaults([])
     size = round(images.shape[-1] * VIEW)  # the model's view of the stored crops (model_view)

@@ -41,7 +41,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     model, ckpt = load_checkpoint(args.checkpoint)
-    images, labels, rows = load_split(args.data, "val", ckpt["image_size"], progress=True)
+    images, labels, rows = load_split(
+        args.data, "val", model_size=ckpt["image_size"], progress=True
+    )
     labels = labels.numpy()
     sources = np.array([r["source"] for r in rows])
     probs = scores_for_threshold(model, images, torch.device("cpu"))

@@ -65,7 +65,7 @@ def test_torchrun_killed_after_an_epoch_then_resumed_leaves_whole_files(tmp_path
     assert not processes_with(str(run))
 
     done = read_history(run)
-    assert 1 <= len(done) <= 4 and all(row["val_loss"] for row in done)
+    assert 1 <= len(done) < 4 and all(row["val_loss"] for row in done)  # some left to resume
     _, last = model.load_checkpoint(run / "last.pt")  # whole, loadable, resumable
     assert last["epoch"] >= 1 and "optimizer" in last
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # no temp files
