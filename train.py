@@ -517,9 +517,10 @@ def refinish(path, device_name):
 
 
 def load_resume(args):
-    """--resume: the run's checkpoint, with the run's own settings put back into args (the
-    worker count included: it changes the augmentation random streams, and a resumed run should
-    end exactly where an uninterrupted one would). None for a fresh run."""
+    """--resume: the run's checkpoint, with the run's own settings put back into args (a
+    resumed run ends exactly where an uninterrupted one would); where it runs (device,
+    threads, loader workers: none of them changes the numbers) is this call's. A setting typed
+    with --resume that differs from the run's is said to be ignored. None for a fresh run."""
     if not args.resume:
         return None
     try:
@@ -528,9 +529,15 @@ def load_resume(args):
         sys.exit(f"error: {exc}")
     if "optimizer" not in resume:
         sys.exit(f"error: {args.resume} holds no optimizer state; resume from a last.pt")
+    defaults = vars(parse_args([]))
     for key, value in saved_train_args(resume).items():
-        if key not in ("device", "threads", "resume"):
-            setattr(args, key, value)
+        if key in ("device", "threads", "workers", "resume"):
+            continue
+        typed = getattr(args, key, None)
+        if typed != defaults.get(key) and typed != value:
+            print(f"warning: --{key.replace('_', '-')} {typed} ignored: a resumed run keeps "
+                  f"its own settings ({value})", file=sys.stderr)  # fmt: skip
+        setattr(args, key, value)
     return resume
 
 
@@ -555,7 +562,9 @@ def load_data(data_dir, progress):
         sys.exit(
             f"error: no dataset at {data_dir} (manifest.csv missing); run prepare_data.py first"
         )
-    train_images, train_labels, train_rows = load_split(data_dir, "train", None, progress)
+    train_images, train_labels, train_rows = load_split(
+        data_dir, "train", framing=None, progress=progress
+    )
     val_images, val_labels, val_rows = load_split(data_dir, "val", progress=progress)
     return SimpleNamespace(
         dir=data_dir,

@@ -207,10 +207,11 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, prepared, wor
     proc.wait()
     done = len(read_history(run))
     assert 1 <= done < 3, "the run ended before the kill: nothing was resumed"
-    result = subprocess.run(
-        [*cmd, "--resume", str(run / "last.pt")], capture_output=True, text=True, cwd=ROOT
-    )
+    # Typed with --resume, a setting of the run's own is ignored, and said to be.
+    result = subprocess.run([*cmd, "--resume", str(run / "last.pt"), "--epochs", "7"],
+                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert "warning: --epochs 7 ignored: a resumed run keeps its own settings (3)" in result.stderr
     assert [int(h["epoch"]) for h in read_history(run)] == [1, 2, 3]
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
     b = torch.load(run / "last.pt", weights_only=True)["model"]
