@@ -448,21 +448,29 @@ def open_checkpoint(path):
     return model, ckpt, path
 
 
-def find_best_run(runs_dir):
-    """The best.pt under runs_dir with the lowest validation loss."""
-    best = None
+def find_best_run(runs_dir, data=None):
+    """The best.pt under runs_dir with the lowest validation loss, among the runs trained on
+    data's manifest when data is given. Losses on different validation sets do not compare:
+    runs of several datasets, with no data to choose by, are refused."""
+    want = manifest_hash(data) if data and (Path(data) / "manifest.csv").is_file() else None
+    candidates = []
     for path in sorted(Path(runs_dir).glob("*/best.pt")):
         try:
-            loss = float(
-                torch.load(path, map_location="cpu", weights_only=True)["val_metrics"]["loss"]
-            )
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            loss = float(ckpt["val_metrics"]["loss"])
         except Exception:
             continue  # an unreadable or foreign file is not a candidate
-        if best is None or loss < best[0]:
-            best = (loss, path)
-    if best is None:
-        sys.exit(f"error: no run with a best.pt under {runs_dir}/; train one or pass --checkpoint")
-    return best[1]
+        if want is None or ckpt.get("manifest_sha256") == want:
+            candidates.append((loss, path, ckpt.get("manifest_sha256")))
+    if not candidates:
+        trained_on = f" trained on {data}" if want else ""
+        sys.exit(
+            f"error: no run{trained_on} with a best.pt under {runs_dir}/; train one or pass --checkpoint"
+        )
+    if len({m for _, _, m in candidates}) > 1:
+        sys.exit(f"error: the runs under {runs_dir}/ were trained on different datasets, whose "
+                 "validation losses do not compare: pass --data or --checkpoint")  # fmt: skip
+    return min(candidates, key=lambda c: c[0])[1]
 
 
 def resolve_data(ckpt, data):
@@ -750,7 +758,7 @@ def print_report(m, sources):
 
 
 def evaluate_split(args, device):
-    model, ckpt, ckpt_path = open_checkpoint(args.checkpoint or find_best_run(args.runs))
+    model, ckpt, ckpt_path = open_checkpoint(args.checkpoint or find_best_run(args.runs, args.data))
     if args.checkpoint is None:
         print(f"checkpoint: {ckpt_path} (lowest validation loss under {args.runs}/)")
     data_dir = resolve_data(ckpt, args.data)

@@ -243,7 +243,7 @@ def test_compare_tiny_runs(tiny_runs, prepared, tmp_path, capsys):
     assert "± " in text and "| on (stage 2) |" in text and "train min" in text
 
 
-def test_default_checkpoint_is_lowest_val_loss(tiny_runs, tmp_path):
+def test_default_checkpoint_is_lowest_val_loss(tiny_runs, tmp_path, prepared):
     runs = tmp_path / "runs"
     for arm in ("on", "off"):
         shutil.copytree(tiny_runs[arm], runs / arm)
@@ -252,6 +252,14 @@ def test_default_checkpoint_is_lowest_val_loss(tiny_runs, tmp_path):
     (runs / "broken").mkdir()
     (runs / "broken" / "best.pt").write_bytes(b"not a checkpoint")
     assert evaluate.find_best_run(runs) == runs / min(losses, key=losses.get) / "best.pt"
+    # A run of another dataset: its validation loss does not compare with these.
+    other = torch.load(runs / "on" / "best.pt", weights_only=True)
+    other["manifest_sha256"], other["val_metrics"]["loss"] = "0" * 64, 0.0
+    (runs / "other").mkdir()
+    torch.save(other, runs / "other" / "best.pt")
+    with pytest.raises(SystemExit, match="different datasets"):
+        evaluate.find_best_run(runs)
+    assert evaluate.find_best_run(runs, prepared) == runs / min(losses, key=losses.get) / "best.pt"
 
 
 # ---------------------------------------------------------------- bad input
