@@ -11,12 +11,17 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/faces}
 
-# One train.py run: skipped when finished, resumed when cut, started otherwise.
+# One train.py run: skipped when finished, resumed when cut, started otherwise. A finished
+# run's outcome is kept in results/attention-v2/runs.json (runs/ is not committed).
+record() {
+  $PY experiments/run_record.py "$1" --out results/attention-v2/runs.json
+}
 train() {
   local out=$1
   shift
   if [[ -f $out/done ]]; then
     echo "== $out: finished, reused"
+    [[ $out == runs/att-pilot-* ]] || record "$out"
     return
   fi
   if [[ -f $out/last.pt ]]; then
@@ -27,6 +32,7 @@ train() {
     $PY train.py --data "$DATA" --out "$out" "$@"
   fi
   touch "$out/done"
+  [[ $out == runs/att-pilot-* ]] || record "$out"
 }
 
 # 1. Placement pilot: one seed of each placement at the leave-one-out schedule (6 epochs).

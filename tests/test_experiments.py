@@ -63,3 +63,23 @@ def test_experiment_scripts_parse():
     for script in sorted((ROOT / "experiments").glob("*.sh")):
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
+
+
+def test_run_record_keeps_each_run_once_with_its_history(tiny_runs, tmp_path):
+    import run_record
+    import torch
+
+    out = tmp_path / "results" / "runs.json"
+    out.parent.mkdir()
+    run_record.main([str(tiny_runs["on"]), "--out", str(out)])
+    run_record.main([str(tiny_runs["off"]), str(tiny_runs["on"]), "--out", str(out)])  # again
+    records = json.loads(out.read_text())
+    assert sorted(records) == ["attention-off", "attention-on"]
+    on = records["attention-on"]
+    ckpt = torch.load(tiny_runs["on"] / "best.pt", weights_only=True)
+    assert on["val_loss"] == ckpt["val_metrics"]["loss"] and on["best_epoch"] == ckpt["epoch"]
+    assert on["attention"] == "on" and on["attention_stage"] == 2 and on["epochs"] == 2
+    assert records["attention-off"]["attention_stage"] is None
+    copied = out.parent / "attention-on-history.csv"
+    assert copied.read_text() == (tiny_runs["on"] / "history.csv").read_text()
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
