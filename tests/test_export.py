@@ -168,6 +168,17 @@ def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs, prepared):
     print(f"int8 vs fp32 on val: mean |gap| {gap.mean():.4f}, max {gap.max():.4f}")
     assert gap.mean() < 0.02
     assert np.mean((prob >= 0.5) == (expected.numpy() >= 0.5)) >= 0.9
+    # The accuracies export.py printed are kept beside the models, and are these models'.
+    report = json.loads(out.with_suffix(".int8.json").read_text())
+    assert report["val_images"] == len(images) and report["calibration_images"] == 64
+    threshold = report["threshold"]
+    assert (
+        report["fp32_val_accuracy"]
+        == export.accuracy(ort(out), images, labels.numpy(), threshold)[0]
+    )
+    for name in (int8.name, out.with_suffix(".int8-trt.onnx").name):
+        acc, _ = export.accuracy(ort(out.parent / name), images, labels.numpy(), threshold)
+        assert report[name]["val_accuracy"] == acc
     assert props(out.with_suffix(".fp16.onnx"))["precision"] == "fp16"
 
 
