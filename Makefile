@@ -37,8 +37,11 @@ check-raw:
 	  exit 2; \
 	fi
 
+# AMFD's file names carry the volunteer's id (the person to split by); other trees may lack it.
+GROUP = $(if $(wildcard $(RAW)/real/amfd),--group 'amfd=-(\d+)')
+
 prepare: setup check-raw
-	$(PY) prepare_data.py --real $(RAW)/real/* --fake $(RAW)/fake/* --out $(DATA) --group 'amfd=-(\d+)'
+	$(PY) prepare_data.py --real $(RAW)/real/* --fake $(RAW)/fake/* --out $(DATA) $(GROUP)
 
 train: setup
 	$(PY) train.py --attention off --data $(DATA) --out $(RUN) $(TRAIN_ARGS)

@@ -297,3 +297,17 @@ def test_errors_are_one_line(tmp_path, case, expected):
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not (out / "manifest.csv").exists()
+
+
+def test_make_prepare_groups_amfd_only_where_there_is_one(raw_tree, tmp_path):
+    # `make all RAW=some/tree` must run on a tree without AMFD: prepare_data.py refuses a
+    # --group for a source it was not given.
+    def prepare_command(raw):
+        out = subprocess.run(["make", "-n", "-s", "prepare", f"RAW={raw}", "PY=python"],
+                             capture_output=True, text=True, cwd=ROOT, check=True)  # fmt: skip
+        return [ln for ln in out.stdout.splitlines() if "prepare_data.py" in ln][0]
+
+    assert "--group" not in prepare_command(raw_tree)
+    (tmp_path / "real" / "amfd").mkdir(parents=True)
+    (tmp_path / "fake").mkdir()
+    assert "--group 'amfd=-(\\d+)'" in prepare_command(tmp_path)
