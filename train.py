@@ -534,7 +534,8 @@ def load_resume(args):
         if key in ("device", "threads", "workers", "resume"):
             continue
         typed = getattr(args, key, None)
-        if typed != defaults.get(key) and typed != value:
+        # Said once under torchrun (rank 0), not by every process.
+        if typed != defaults.get(key) and typed != value and os.environ.get("RANK", "0") == "0":
             print(f"warning: --{key.replace('_', '-')} {typed} ignored: a resumed run keeps "
                   f"its own settings ({value})", file=sys.stderr)  # fmt: skip
         setattr(args, key, value)
