@@ -509,6 +509,25 @@ def expand_runs(paths):
     return found
 
 
+def run_facts(model, ckpt, run_dir):
+    """What a run is and what it cost, from its checkpoint and history.csv: the rows of the
+    --compare table, and experiments/run_record.py's records."""
+    history = Path(run_dir) / "history.csv"
+    attention = bool(ckpt["config"]["attention"])
+    return {
+        "run": str(run_dir),
+        "attention": "on" if attention else "off",
+        "attention_stage": ckpt["config"].get("attention_stage", 2) if attention else None,
+        "seed": ckpt.get("train_args", {}).get("seed"),
+        "params": ckpt.get("params") or count_parameters(model),
+        "flops": ckpt.get("flops") or count_flops(model),
+        "epochs": len(history.read_text().splitlines()) - 1 if history.is_file() else None,
+        "best_epoch": ckpt["epoch"],
+        "train_seconds": ckpt.get("train_seconds"),
+        "threshold": ckpt["threshold"],
+    }
+
+
 def compare_runs(paths, data=None, device=None, batch_size=256, lofo=None):
     """Evaluate runs on val and test -> {"runs", "arms", "mcnemar": {"val", "test"}, "verdict"};
     lofo: {"on": [...], "off": [...]}, experiments/lofo.py's runs of each arm, for the rule."""
@@ -518,20 +537,7 @@ def compare_runs(paths, data=None, device=None, batch_size=256, lofo=None):
         model, ckpt, path = open_checkpoint(path)
         data_dir = resolve_data(ckpt, data)
         check_manifest(ckpt, data_dir)
-        history = path.parent / "history.csv"
-        record = {
-            "run": str(path.parent),
-            "data": str(data_dir),
-            "attention": "on" if ckpt["config"]["attention"] else "off",
-            "attention_stage": ckpt["config"].get("attention_stage", 2),
-            "seed": ckpt.get("train_args", {}).get("seed"),
-            "params": ckpt.get("params") or count_parameters(model),
-            "flops": ckpt.get("flops") or count_flops(model),
-            "epochs": len(history.read_text().splitlines()) - 1 if history.is_file() else None,
-            "best_epoch": ckpt["epoch"],
-            "train_seconds": ckpt.get("train_seconds"),
-            "threshold": ckpt["threshold"],
-        }
+        record = {**run_facts(model, ckpt, path.parent), "data": str(data_dir)}
         right = {}  # per-image correctness, keyed by split, with the images' identity
         for split in ("val", "test"):
             key = (manifest_hash(data_dir), split, ckpt["image_size"])

@@ -639,14 +639,12 @@ def write_int8(out, ckpt, data, count):
     for key, target in (("int8-cpu", "cpu"), ("int8", "tensorrt")):
         quantize_int8(out, paths[key], calibration, target=target)
         acc8, p8 = accuracy(ort_session(paths[key]), images, labels, threshold)
-        report[paths[key].name] = {
-            "val_accuracy": acc8,
-            "max_prob_difference": float(np.abs(p8 - p32).max()),
-        }
+        gap = float(np.abs(p8 - p32).max())
+        report[paths[key].name] = {"val_accuracy": acc8, "max_prob_difference": gap}
         print(f"wrote {paths[key]} (for {'TensorRT' if target == 'tensorrt' else 'ONNX Runtime CPU'}): "
               f"calibrated on {len(calibration)} train images; val accuracy "
               f"fp32 {acc32:.4f} -> int8 {acc8:.4f} ({100 * (acc8 - acc32):+.2f} points on "
-              f"{len(rows)} images); max |prob difference| {np.abs(p8 - p32).max():.4f}")  # fmt: skip
+              f"{len(rows)} images); max |prob difference| {gap:.4f}")  # fmt: skip
     # What was measured is kept beside the models (ONNX Runtime on this machine's CPU).
     text = json.dumps(report, indent=2) + "\n"
     atomic_write(out.with_suffix(".int8.json"), lambda tmp: Path(tmp).write_text(text))

@@ -518,27 +518,26 @@ def classify(run, files, size, detector=None, batch=32, workers=2, progress=None
         images.clear()
 
     for path, rgb, reason in decode_ahead(files, workers, lookahead=batch + 2 * workers):
-        if rgb is None:
-            rows.append({"path": path, "face": "", "status": "unreadable", "reason": reason})
-        else:
+        if progress is not None:
+            progress.update()
+        if rgb is not None:
             try:
                 faces = face_inputs(rgb, size, detector)
             except Exception as exc:  # one photo the detector chokes on must not lose the folder
-                reason = f"face detection failed ({type(exc).__name__}: {exc})"
-                rows.append({"path": path, "face": "", "status": "unreadable", "reason": reason})
-                faces = None
-            if faces == []:
-                rows.append({"path": path, "face": "", "status": "no_face", "reason": ""})
-            for k, (box, image) in enumerate(faces or []):
-                x0, y0, x1, y1 = (round(float(v), 1) for v in box)
-                row = {"path": path, "face": k, "x0": x0, "y0": y0, "x1": x1, "y1": y1}
-                rows.append({**row, "status": "ok", "reason": ""})
-                pending.append(rows[-1])
-                images.append(image)
-                if len(images) == batch:
-                    flush()
-        if progress is not None:
-            progress.update()
+                rgb, reason = None, f"face detection failed ({type(exc).__name__}: {exc})"
+        if rgb is None:
+            rows.append({"path": path, "face": "", "status": "unreadable", "reason": reason})
+            continue
+        if not faces:
+            rows.append({"path": path, "face": "", "status": "no_face", "reason": ""})
+        for k, (box, image) in enumerate(faces):
+            x0, y0, x1, y1 = (round(float(v), 1) for v in box)
+            row = {"path": path, "face": k, "x0": x0, "y0": y0, "x1": x1, "y1": y1}
+            rows.append({**row, "status": "ok", "reason": ""})
+            pending.append(rows[-1])
+            images.append(image)
+            if len(images) == batch:
+                flush()
     if images:
         flush()
     return rows

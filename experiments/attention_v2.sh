@@ -11,28 +11,24 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/faces}
 
-# One train.py run: skipped when finished, resumed when cut, started otherwise. A finished
-# run's outcome is kept in results/attention-v2/runs.json (runs/ is not committed).
-record() {
-  $PY experiments/run_record.py "$1" --out results/attention-v2/runs.json
-}
+# One train.py run: skipped when finished, resumed when cut, started otherwise. Its outcome
+# is kept in results/attention-v2/runs.json with its history (runs/ is not committed).
+RECORDS=results/attention-v2/runs.json
 train() {
   local out=$1
   shift
   if [[ -f $out/done ]]; then
     echo "== $out: finished, reused"
-    [[ $out == runs/att-pilot-* ]] || record "$out"
-    return
-  fi
-  if [[ -f $out/last.pt ]]; then
+  elif [[ -f $out/last.pt ]]; then
     echo "== $out: resuming from last.pt"
     $PY train.py --resume "$out/last.pt"
+    touch "$out/done"
   else
     echo "== $out: starting"
     $PY train.py --data "$DATA" --out "$out" "$@"
+    touch "$out/done"
   fi
-  touch "$out/done"
-  [[ $out == runs/att-pilot-* ]] || record "$out"
+  $PY experiments/run_record.py "$out" --out "$RECORDS"
 }
 
 # 1. Placement pilot: one seed of each placement at the leave-one-out schedule (6 epochs).
@@ -44,20 +40,13 @@ if [[ ! -f $PILOT ]]; then
   train runs/att-pilot-s1 --attention on --attention-stage 1 --epochs 6 --patience 6
   # The rule written before the pilot: the higher validation accuracy at the run's own
   # threshold wins; within 0.5 points, stage 2 (the cheaper one) does.
-  mkdir -p results/attention-v2
-  $PY - "$PILOT" <<'EOF'
+  # The pilot's outcome, from the two runs' records (train() wrote them).
+  $PY - "$PILOT" "$RECORDS" <<'EOF'
 import json, sys
 from pathlib import Path
-import torch
 from common import atomic_write
-runs = {}
-for s in (1, 2):
-    ckpt = torch.load(f"runs/att-pilot-s{s}/best.pt", map_location="cpu", weights_only=False)
-    runs[s] = {"run": f"runs/att-pilot-s{s}", "best_epoch": ckpt["epoch"],
-               "val_loss": ckpt["val_metrics"]["loss"],
-               "val_accuracy_at_threshold": ckpt["val_metrics"]["accuracy_at_threshold"],
-               "flops": ckpt["flops"], "params": ckpt["params"],
-               "train_seconds": ckpt["train_seconds"]}
+records = json.loads(Path(sys.argv[2]).read_text())
+runs = {s: records[f"att-pilot-s{s}"] for s in (1, 2)}
 acc = {s: r["val_accuracy_at_threshold"] for s, r in runs.items()}
 stage = 1 if acc[1] > acc[2] + 0.005 else 2
 rule = "higher val accuracy at the run's own threshold; within 0.5 points, stage 2"

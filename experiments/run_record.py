@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import atomic_write  # noqa: E402
+from evaluate import run_facts  # noqa: E402
 from model import CheckpointError, load_checkpoint  # noqa: E402
 
 
@@ -31,26 +32,13 @@ def parse_args(argv=None):
 def record(run):
     """A run's outcome from its best.pt: what the README's status line and tables quote."""
     try:
-        _, ckpt = load_checkpoint(run / "best.pt")
+        model, ckpt = load_checkpoint(run / "best.pt")
     except CheckpointError as exc:
         sys.exit(f"error: {exc}")
-    args = ckpt.get("train_args", {})
-    history = run / "history.csv"
     return {
-        "run": str(run),
-        "attention": "on" if ckpt["config"]["attention"] else "off",
-        "attention_stage": ckpt["config"].get("attention_stage", 2)
-        if ckpt["config"]["attention"]
-        else None,
-        "seed": args.get("seed"),
-        "epochs": len(history.read_text().splitlines()) - 1 if history.is_file() else None,
-        "best_epoch": ckpt["epoch"],
+        **run_facts(model, ckpt, run),
         "val_loss": ckpt["val_metrics"]["loss"],
         "val_accuracy_at_threshold": ckpt["val_metrics"]["accuracy_at_threshold"],
-        "threshold": ckpt["threshold"],
-        "params": ckpt["params"],
-        "flops": ckpt["flops"],
-        "train_seconds": ckpt["train_seconds"],
         "manifest_sha256": ckpt.get("manifest_sha256"),
         "git_commit": ckpt.get("git_commit"),
     }
