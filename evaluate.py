@@ -19,6 +19,7 @@ the README's rule (validation decides; --lofo ON.json OFF.json adds its leave-on
 """
 
 import argparse
+import csv
 import json
 import math
 import sys
@@ -513,6 +514,7 @@ def run_facts(model, ckpt, run_dir):
     """What a run is and what it cost, from its checkpoint and history.csv: the rows of the
     --compare table, and experiments/run_record.py's records."""
     history = Path(run_dir) / "history.csv"
+    epochs = list(csv.DictReader(history.open())) if history.is_file() else None
     attention = bool(ckpt["config"]["attention"])
     return {
         "run": str(run_dir),
@@ -521,9 +523,12 @@ def run_facts(model, ckpt, run_dir):
         "seed": ckpt.get("train_args", {}).get("seed"),
         "params": ckpt.get("params") or count_parameters(model),
         "flops": ckpt.get("flops") or count_flops(model),
-        "epochs": len(history.read_text().splitlines()) - 1 if history.is_file() else None,
+        "epochs": len(epochs) if epochs else None,
         "best_epoch": ckpt["epoch"],
-        "train_seconds": ckpt.get("train_seconds"),
+        # The cost of the whole schedule (every epoch ran, whichever one was kept): best.pt
+        # holds only the time up to its own epoch, kept as seconds_to_best.
+        "train_seconds": sum(float(e["seconds"]) for e in epochs) if epochs else None,
+        "seconds_to_best": ckpt.get("train_seconds"),
         "threshold": ckpt["threshold"],
     }
 

@@ -387,3 +387,17 @@ def test_lofo_comparison_pairs_the_sources_both_arms_held_out():
     assert set(got["sources"]) == {"a", "b"}  # c was held out by one arm only
     assert got["mean_on"] == pytest.approx(0.75) and got["mean_off"] == pytest.approx(0.6)
     assert got["worst_real_on"] == 0.6 and got["worst_real_off"] == 0.4
+
+
+def test_run_facts_training_time_is_the_whole_schedule(tmp_path):
+    # best.pt keeps the time up to its own epoch; the cost of a run is every epoch it ran.
+    (tmp_path / "history.csv").write_text(
+        "epoch,lr,train_loss,train_acc,val_loss,val_acc,seconds,images_per_s\n"
+        "1,0.1,0.6,0.6,0.5,0.7,10.0,5\n2,0.1,0.5,0.7,0.6,0.6,12.5,5\n"
+    )
+    ckpt = {"config": {"attention": False}, "train_args": {"seed": 3}, "params": 7,
+            "flops": 9, "epoch": 1, "train_seconds": 10.0, "threshold": 0.5}  # fmt: skip
+    facts = evaluate.run_facts(None, ckpt, tmp_path)
+    assert facts["epochs"] == 2 and facts["best_epoch"] == 1 and facts["seed"] == 3
+    assert facts["train_seconds"] == pytest.approx(22.5)
+    assert facts["seconds_to_best"] == pytest.approx(10.0)
