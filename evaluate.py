@@ -514,7 +514,7 @@ def run_facts(model, ckpt, run_dir):
     """What a run is and what it cost, from its checkpoint and history.csv: the rows of the
     --compare table, and experiments/run_record.py's records."""
     history = Path(run_dir) / "history.csv"
-    epochs = list(csv.DictReader(history.open())) if history.is_file() else None
+    epochs = list(csv.DictReader(history.read_text().splitlines())) if history.is_file() else None
     attention = bool(ckpt["config"]["attention"])
     return {
         "run": str(run_dir),

@@ -45,6 +45,10 @@ def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(
         assert ckpt["train_args"]["patience"] == 1
         assert np.isclose(result["unseen_accuracy"], (prob < ckpt["threshold"]).mean())
         assert 0.0 <= result["unseen_vs_other_class_test_auc"] <= 1.0
+        history = (tmp_path / "runs" / f"without-{held_out}" / "history.csv").read_text()
+        epoch_seconds = [float(line.split(",")[6]) for line in history.splitlines()[1:]]
+        assert result["train_seconds"] == pytest.approx(sum(epoch_seconds))  # every epoch
+        assert result["seconds_to_best"] == pytest.approx(ckpt["train_seconds"])
 
     # A run cut short (no done marker) continues from its last.pt instead of being reused.
     (tmp_path / "runs" / "without-camera" / "done").unlink()
