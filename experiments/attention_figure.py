@@ -103,9 +103,10 @@ def main(argv=None):
         arm.update(prob=prob.numpy(), maps=maps)
     plot(images, rows, arms["off"], arms["on"], args.out)
     labels = np.array([r["label"] == "fake" for r in rows])
-    right = {n: np.mean((a["prob"] >= 0.5) == labels) for n, a in arms.items()}
-    print(f"saved {args.out}: {len(rows)} faces ({', '.join(CLASS_NAMES)}), at 0.5 off got "
-          f"{right['off']:.2f} and on {right['on']:.2f} of them right")  # fmt: skip
+    # Each model at its own threshold (the one evaluate.py and infer.py use), not at 0.5.
+    right = {n: np.mean((a["prob"] >= a["ckpt"]["threshold"]) == labels) for n, a in arms.items()}
+    print(f"saved {args.out}: {len(rows)} faces ({', '.join(CLASS_NAMES)}), at its own "
+          f"threshold off got {right['off']:.2f} and on {right['on']:.2f} of them right")  # fmt: skip
 
 
 if __name__ == "__main__":
