@@ -27,7 +27,7 @@ lowest opset 17 allows, so that TensorRT 8.5/8.6 and ONNX Runtime <= 1.17 read i
   FP16, TensorRT 8.5 / 8.6 / 10.0-10.11 (builder flag; attention pinned to FP32 by layer name, as
   the parser names layers after ONNX nodes; attention-on models only, check names with
   --dumpLayerInfo):
-          attn=attention/MatMul_0:fp32,attention/Mul_0:fp32,attention/Softmax_0:fp32,attention/MatMul_1:fp32
+          attn=attention/Mul_0:fp32,attention/Mul_1:fp32,attention/MatMul_0:fp32,attention/Softmax_0:fp32,attention/MatMul_1:fp32
           trtexec --onnx=models/facecheck.onnx --saveEngine=models/facecheck.fp16.engine $shapes \\
               --fp16 --precisionConstraints=obey --layerPrecisions=$attn --layerOutputTypes=$attn
   FP16 strongly typed, TensorRT 10.12+ (weak typing deprecated) or 11.x (always strongly typed:

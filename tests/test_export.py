@@ -142,6 +142,33 @@ def test_fp16_keeps_attention_in_fp32(exported, tmp_path):
     assert export.probability_gap(ort(tmp_path / "m.fp16.onnx"), model, SIZE) < 5e-3
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_trtexec_fp32_layer_list_names_the_score_path(stage):
+    """The trtexec FP16 recipe (export.py's help, the README) pins attention layers to FP32 by
+    name: every MatMul and Softmax of the layer and every Mul that feeds its softmax (the
+    exporter splits the 1/sqrt(d) scale over q and k), no more and none missing."""
+
+    def layer_list(text):
+        line = next(line for line in text.splitlines() if "attn=attention/" in line)
+        return {item.split(":")[0] for item in line.split("attn=")[1].split(",")}
+
+    documented = layer_list(export.__doc__)
+    assert layer_list((ROOT / "README.md").read_text()) == documented
+    torch.manual_seed(0)
+    model = FaceCheckNet({"image_size": SIZE, "attention": True, "attention_stage": stage})
+    nodes = [n for n in export.to_onnx(model.eval(), SIZE).graph.node if export.is_attention(n)]
+    made_by = {out: n for n in nodes for out in n.output}
+    softmax = next(n for n in nodes if n.op_type == "Softmax")
+    ancestors, todo = set(), list(softmax.input)
+    while todo:
+        if (node := made_by.get(todo.pop())) and node.name not in ancestors:
+            ancestors.add(node.name)
+            todo.extend(node.input)
+    score_path = {n.name for n in nodes if n.op_type in ("MatMul", "Softmax")}
+    score_path |= {n.name for n in nodes if n.op_type == "Mul" and n.name in ancestors}
+    assert documented == score_path
+
+
 def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs, prepared):
     rc, out, stdout = cli_run
     assert rc == 0 and "max |prob difference|" in stdout and "val accuracy fp32" in stdout
