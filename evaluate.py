@@ -276,7 +276,8 @@ def pick_examples(labels, n):
 
 def explain(model, images, device):
     """Grad-CAM of the fake logit on the stage-3 features and, when the model has the layer,
-    the mean attention each stage-2 position receives; upsampled, each scaled to [0, 1]."""
+    the mean attention each position of the layer's stage receives; upsampled, each scaled
+    to [0, 1]."""
     model.eval()
     if model.attention is not None:
         model.attention.keep_map = True
