@@ -3,6 +3,7 @@
     python evaluate.py --split test                     # best run under runs/, on its own data
     python evaluate.py --checkpoint runs/exp-a --robustness --heatmaps 8
     python evaluate.py --compare runs/                  # ablation table of every run in runs/
+    python evaluate.py --compare results/attention-v2/runs.json   # the same from recorded runs
 
 A single evaluation writes metrics.json, predictions.csv, confusion_matrix.png, roc.png,
 per_source.png and calibration.png (plus robustness.png / heatmaps.png when asked) to
@@ -20,6 +21,7 @@ the README's rule (validation decides; --lofo ON.json OFF.json adds its leave-on
 
 import argparse
 import csv
+import gzip
 import json
 import math
 import sys
@@ -104,8 +106,8 @@ def parse_args(argv=None):
         nargs="+",
         default=None,
         metavar="RUN",
-        help="compare runs: run folders, .pt files or folders holding run folders "
-        "(uses val and test; --split is ignored)",
+        help="compare runs: run folders, .pt files, folders holding run folders, or "
+        "experiments/run_record.py's JSON of recorded runs (uses val and test; --split is ignored)",
     )
     p.add_argument(
         "--lofo",
@@ -497,7 +499,8 @@ def check_manifest(ckpt, data_dir):
 
 
 def expand_runs(paths):
-    """Run folders, .pt files and folders of run folders -> list of .pt paths."""
+    """Run folders, .pt files, folders of run folders and recorded runs' .json files -> a list
+    of .pt and .json paths."""
     found = []
     for p in map(Path, paths):
         if p.is_file():
@@ -534,31 +537,106 @@ def run_facts(model, ckpt, run_dir):
     }
 
 
+def run_outputs(path, data=None, device=None, batch_size=256, cache=None):
+    """A run's logits on val and test -> (facts, outputs): what --compare scores, and what
+    experiments/run_record.py keeps in results/ so a comparison survives a machine without
+    runs/. outputs: {split: {"files", "labels", "logits"}}, files relative to the dataset."""
+    device = device or torch.device("cpu")
+    cache = {} if cache is None else cache
+    model, ckpt, path = open_checkpoint(path)
+    data_dir = resolve_data(ckpt, data)
+    check_manifest(ckpt, data_dir)
+    facts = {**run_facts(model, ckpt, path.parent), "data": str(data_dir)}
+    facts |= {"manifest_sha256": manifest_hash(data_dir), "image_size": ckpt["image_size"]}
+    outputs = {}
+    for split in ("val", "test"):
+        key = (facts["manifest_sha256"], split, ckpt["image_size"])
+        if key not in cache:
+            cache[key] = load_split(data_dir, split, model_size=ckpt["image_size"])
+        images, labels, rows = cache[key]
+        _, logits = predict(model.to(device), images, device, batch_size)
+        files = [r["path"] for r in rows]
+        outputs[split] = {"files": files, "labels": labels, "logits": logits}
+    return facts, outputs
+
+
+def save_outputs(path, outputs):
+    """run_outputs' logits as a gzipped CSV (split, file, label, logit_real, logit_fake);
+    9 significant digits give back the float32 logits exactly."""
+
+    def write(tmp):
+        with gzip.open(tmp, "wt", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["split", "file", "label", "logit_real", "logit_fake"])
+            for split, o in outputs.items():
+                for name, label, (real, fake) in zip(
+                    o["files"], o["labels"].tolist(), o["logits"].tolist(), strict=True
+                ):
+                    w.writerow([split, name, CLASS_NAMES[label], f"{real:.9g}", f"{fake:.9g}"])
+
+    atomic_write(path, write)
+
+
+def load_outputs(path):
+    """save_outputs' file -> outputs as run_outputs returns them."""
+    outputs = {}
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                o = outputs.setdefault(row["split"], {"files": [], "labels": [], "logits": []})
+                o["files"].append(row["file"])
+                o["labels"].append(CLASS_NAMES.index(row["label"]))
+                o["logits"].append([float(row["logit_real"]), float(row["logit_fake"])])
+    except (OSError, EOFError, KeyError, ValueError) as exc:
+        sys.exit(f"error: {path}: not a predictions file of experiments/run_record.py ({exc})")
+    for o in outputs.values():
+        o["labels"] = torch.tensor(o["labels"])
+        o["logits"] = torch.tensor(o["logits"], dtype=torch.float32)
+    return outputs
+
+
+def recorded_runs(path):
+    """experiments/run_record.py's JSON of runs -> [(facts, outputs)]: each record with its
+    predictions file, which lies beside the JSON."""
+    try:
+        records = json.loads(Path(path).read_text())
+        missing = [name for name, r in records.items() if "predictions" not in r]
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        sys.exit(f"error: {path}: not a JSON of experiments/run_record.py records ({exc})")
+    if missing:
+        sys.exit(f"error: {path}: {', '.join(missing)} recorded without predictions; "
+                 "record them again from their run folders (experiments/run_record.py)")  # fmt: skip
+    return [(r, load_outputs(Path(path).parent / r["predictions"])) for r in records.values()]
+
+
+def score_run(facts, outputs):
+    """One run's figures on each split and, for McNemar, which images it got right."""
+    record, right = dict(facts), {}
+    for split, o in outputs.items():
+        labels, logits = o["labels"], o["logits"]
+        prob = logits.softmax(1)[:, 1]
+        m = compute_metrics(labels, prob, facts["threshold"])
+        record[f"{split}_loss"] = F.cross_entropy(logits, labels).item()
+        record[f"{split}_accuracy"] = m["accuracy"]
+        record[f"{split}_f1"] = m["macro"]["f1"]
+        record[f"{split}_auc"] = m["roc_auc"]
+        # The images' identity: the same dataset, split and input size pair two runs.
+        key = (facts["manifest_sha256"], split, facts["image_size"])
+        right[split] = (key, ((prob >= facts["threshold"]).long() == labels).numpy())
+    return record, right
+
+
 def compare_runs(paths, data=None, device=None, batch_size=256, lofo=None):
     """Evaluate runs on val and test -> {"runs", "arms", "mcnemar": {"val", "test"}, "verdict"};
+    paths: run folders, .pt files, folders of run folders, or run_record.py's JSON files;
     lofo: {"on": [...], "off": [...]}, experiments/lofo.py's runs of each arm, for the rule."""
-    device = device or torch.device("cpu")
-    cache, records, correct = {}, [], []
+    cache, scored = {}, []
     for path in tqdm(expand_runs(paths), desc="runs", leave=False):
-        model, ckpt, path = open_checkpoint(path)
-        data_dir = resolve_data(ckpt, data)
-        check_manifest(ckpt, data_dir)
-        record = {**run_facts(model, ckpt, path.parent), "data": str(data_dir)}
-        right = {}  # per-image correctness, keyed by split, with the images' identity
-        for split in ("val", "test"):
-            key = (manifest_hash(data_dir), split, ckpt["image_size"])
-            if key not in cache:
-                cache[key] = load_split(data_dir, split, model_size=ckpt["image_size"])
-            images, labels, _ = cache[key]
-            prob, logits = predict(model.to(device), images, device, batch_size)
-            m = compute_metrics(labels, prob, ckpt["threshold"])
-            record[f"{split}_loss"] = F.cross_entropy(logits, labels).item()
-            record[f"{split}_accuracy"] = m["accuracy"]
-            record[f"{split}_f1"] = m["macro"]["f1"]
-            record[f"{split}_auc"] = m["roc_auc"]
-            right[split] = (key, ((prob >= ckpt["threshold"]).long() == labels).numpy())
-        records.append(record)
-        correct.append(right)
+        if path.suffix == ".json":
+            scored += [score_run(f, o) for f, o in recorded_runs(path)]
+        else:
+            scored.append(score_run(*run_outputs(path, data, device, batch_size, cache)))
+    records, correct = [r for r, _ in scored], [c for _, c in scored]
 
     arms = {}
     for arm in ("off", "on"):

@@ -71,7 +71,8 @@ def parse_args(argv=None):
         nargs="+",
         default=None,
         help="hold out these sources (either class), in this order, instead of every source of "
-        "--label; a run already in --runs is reused, so a cut-short call resumes",
+        "--label; a source already in --out (same --epochs and --patience) or a run already in "
+        "--runs is reused, so a cut-short call resumes",
     )
     p.add_argument("--out", default="results/lofo.json", help="default results/lofo.json")
     return p.parse_args(argv)
@@ -155,6 +156,19 @@ def score_held_out(model, ckpt, rows, held_out, is_fake):
     }
 
 
+def recorded_results(path):
+    """The results --out already holds: runs/ is not committed and a session may start on a
+    fresh machine, so a source measured at the same schedule is never trained again, and one
+    not asked for this time is kept."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text())["runs"]
+    except (ValueError, KeyError, TypeError) as exc:
+        sys.exit(f"error: {path}: not experiments/lofo.py results ({exc}); move it aside")
+
+
 def save_results(path, results):
     text = json.dumps({"runs": results}, indent=2) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -172,6 +186,17 @@ def print_table(results):
         )
 
 
+def hold_out(data, rows, held_out, label_of, recipe, args):
+    """Train without one source, then score it: one row of the results."""
+    subset = write_subset(data, rows, held_out)
+    run = Path(args.runs) / f"without-{held_out}"
+    model, ckpt = train_without(subset, run, recipe)
+    result = score_held_out(model, ckpt, rows, held_out, label_of[held_out] == "fake")
+    facts = run_facts(model, ckpt, run)  # training time: every epoch, and to the kept one
+    times = {k: facts[k] for k in ("train_seconds", "seconds_to_best")}
+    return result | {"epochs": args.epochs, "patience": recipe["patience"], **times}
+
+
 def main(argv=None):
     args = parse_args(argv)
     data = Path(args.data).resolve()
@@ -184,17 +209,19 @@ def main(argv=None):
             f"error: no source {unknown[0]!r} in {data} (sources: {', '.join(sorted(label_of))})"
         )
     recipe = wanted_recipe(args)
+    before = recorded_results(args.out)
+    recorded = {r["held_out"]: r for r in before
+                if (r.get("epochs"), r.get("patience")) == (args.epochs, recipe["patience"])}  # fmt: skip
+    kept = [r for r in before if r["held_out"] not in held_out_sources]
     results = []
     for held_out in held_out_sources:
-        subset = write_subset(data, rows, held_out)
-        run = Path(args.runs) / f"without-{held_out}"
-        model, ckpt = train_without(subset, run, recipe)
-        result = score_held_out(model, ckpt, rows, held_out, label_of[held_out] == "fake")
-        facts = run_facts(model, ckpt, run)  # training time: every epoch, and to the kept one
-        times = {k: facts[k] for k in ("train_seconds", "seconds_to_best")}
-        results.append(result | {"epochs": args.epochs, "patience": recipe["patience"], **times})
-        print(json.dumps(results[-1]), flush=True)
-        save_results(args.out, results)  # after every run: a cut-short call keeps what it measured
+        if held_out in recorded:  # measured in an earlier session, maybe on another machine
+            print(f"{held_out}: recorded in {args.out}, reused", flush=True)
+            results.append(recorded[held_out])
+        else:
+            results.append(hold_out(data, rows, held_out, label_of, recipe, args))
+            print(json.dumps(results[-1]), flush=True)
+        save_results(args.out, results + kept)  # after every run: a cut call keeps what it measured
     print_table(results)
 
 

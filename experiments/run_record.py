@@ -1,23 +1,28 @@
 """Keep a finished run's outcome in results/: runs/ is not committed, and a session may start
 on a fresh machine. Adds (or replaces) the run's record in a JSON file (validation figures of
-its best epoch, cost, settings) and copies its history.csv beside it.
+its best epoch, cost, settings), copies its history.csv beside it, and writes its logits on
+val and test to predictions/<run>.csv.gz there, which is all evaluate.py --compare needs:
 
     python experiments/run_record.py runs/att-v2/on-s0 --out results/attention-v2/runs.json
+    python evaluate.py --compare results/attention-v2/runs.json
 
-Validation only: the test split is read once, by evaluate.py --compare, after the choice.
+The record itself quotes validation only. The test logits are written here, unread: the test
+split is summed up once, by evaluate.py --compare, after the choice.
 """
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import atomic_write  # noqa: E402
-from evaluate import run_facts  # noqa: E402
-from model import CheckpointError, load_checkpoint  # noqa: E402
+from evaluate import run_outputs, save_outputs, score_run  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -26,21 +31,33 @@ def parse_args(argv=None):
     )
     p.add_argument("runs", nargs="+", help="finished run folders (each with best.pt)")
     p.add_argument("--out", required=True, help="the JSON file of records to add them to")
+    p.add_argument("--data", default=None, help="prepared dataset (default: each run's own)")
     return p.parse_args(argv)
 
 
-def record(run):
-    """A run's outcome from its best.pt: what the README's status line and tables quote."""
-    try:
-        model, ckpt = load_checkpoint(run / "best.pt")
-    except CheckpointError as exc:
-        sys.exit(f"error: {exc}")
+def record(run, predictions, data=None):
+    """A run's outcome from its best.pt (what the README's status line and tables quote), its
+    logits written to predictions (a .csv.gz)."""
+    facts, outputs = run_outputs(run / "best.pt", data)
+    ckpt = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    # The same split must be scored as in training. prepare_data.py run again on another
+    # machine writes the same faces and splits, but its MTCNN box and landmark figures can
+    # differ in the last digit, and so does the manifest's hash; the validation loss then
+    # tells: it must come out as training measured it.
+    val_loss = score_run(facts, outputs)[0]["val_loss"]
+    if facts["manifest_sha256"] != ckpt.get("manifest_sha256") and not math.isclose(
+        val_loss, ckpt["val_metrics"]["loss"], rel_tol=1e-4
+    ):
+        sys.exit(f"error: {run}: {facts['data']} is not the dataset it was trained on (another "
+                 f"manifest, and val loss {val_loss:.5f}, not {ckpt['val_metrics']['loss']:.5f})")  # fmt: skip
+    save_outputs(predictions, outputs)
     return {
-        **run_facts(model, ckpt, run),
+        **facts,
+        "trained_manifest_sha256": ckpt.get("manifest_sha256"),
         "val_loss": ckpt["val_metrics"]["loss"],
         "val_accuracy_at_threshold": ckpt["val_metrics"]["accuracy_at_threshold"],
-        "manifest_sha256": ckpt.get("manifest_sha256"),
         "git_commit": ckpt.get("git_commit"),
+        "predictions": str(predictions.relative_to(predictions.parent.parent)),
     }
 
 
@@ -49,7 +66,9 @@ def main(argv=None):
     out = Path(args.out)
     records = json.loads(out.read_text()) if out.is_file() else {}
     for run in map(Path, args.runs):
-        records[run.name] = record(run)
+        records[run.name] = record(
+            run, out.parent / "predictions" / f"{run.name}.csv.gz", args.data
+        )
         if (history := run / "history.csv").is_file():
             copy = out.parent / f"{run.name}-history.csv"
             atomic_write(copy, lambda tmp, src=history: shutil.copyfile(src, tmp))

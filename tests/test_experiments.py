@@ -83,3 +83,67 @@ def test_run_record_keeps_each_run_once_with_its_history(tiny_runs, tmp_path):
     copied = out.parent / "attention-on-history.csv"
     assert copied.read_text() == (tiny_runs["on"] / "history.csv").read_text()
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+    assert on["predictions"] == "predictions/attention-on.csv.gz"
+
+
+def test_recorded_runs_compare_exactly_as_their_checkpoints(tiny_runs, prepared, tmp_path):
+    # A fresh machine has results/ but no runs/: the comparison from the recorded logits must
+    # be the one from the checkpoints, to the last digit.
+    import run_record
+
+    import evaluate
+
+    out = tmp_path / "results" / "runs.json"
+    run_record.main([str(tiny_runs["off"]), str(tiny_runs["on"]), "--out", str(out)])
+    from_ckpts = evaluate.compare_runs([tiny_runs["off"], tiny_runs["on"]], data=prepared)
+    from_records = evaluate.compare_runs([out])
+    for a, b in zip(from_ckpts["runs"], from_records["runs"], strict=True):
+        keys = ("val_loss", "val_accuracy", "val_f1", "test_loss", "test_accuracy", "test_auc")
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    assert from_ckpts["mcnemar"] == from_records["mcnemar"]
+    assert from_ckpts["verdict"] == from_records["verdict"]
+
+    # A record without its logits (written before they were kept) is named, not skipped.
+    records = json.loads(out.read_text())
+    del records["attention-on"]["predictions"]
+    out.write_text(json.dumps(records))
+    with pytest.raises(SystemExit, match="attention-on recorded without predictions"):
+        evaluate.compare_runs([out])
+
+
+def test_run_record_takes_a_dataset_prepared_again_but_not_another_split(
+    tiny_runs, prepared, tmp_path
+):
+    # prepare_data.py on another machine: the same faces and splits, a face box's last digit
+    # apart, so another manifest hash. Accepted, since validation scores as in training; a
+    # dataset whose splits moved is refused.
+    import run_record
+
+    from common import read_manifest, write_csv
+
+    def copy_with(change):
+        data = tmp_path / f"data-{change.__name__}"
+        data.mkdir()
+        (data / "images").symlink_to(prepared / "images")
+        rows = read_manifest(prepared)
+        fields = [k for k in rows[0] if k != "file"]
+        change(rows)
+        write_csv(data / "manifest.csv", [{k: r[k] for k in fields} for r in rows], fields)
+        return data
+
+    def reworded(rows):
+        rows[0]["original"] += " "
+
+    def moved(rows):
+        val = [r for r in rows if r["split"] == "val"]
+        train = [r for r in rows if r["split"] == "train"]
+        for a, b in zip(val[:5], train[:5]):
+            a["split"], b["split"] = "train", "val"
+
+    out = tmp_path / "runs.json"
+    again = copy_with(reworded)
+    run_record.main([str(tiny_runs["off"]), "--out", str(out), "--data", str(again)])
+    r = json.loads(out.read_text())["attention-off"]
+    assert r["manifest_sha256"] != r["trained_manifest_sha256"]
+    with pytest.raises(SystemExit, match="not the dataset it was trained on"):
+        run_record.main([str(tiny_runs["off"]), "--out", str(out), "--data", str(copy_with(moved))])

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -51,18 +52,37 @@ def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(
         assert result["train_seconds"] == pytest.approx(sum(epoch_seconds))  # every epoch
         assert result["seconds_to_best"] == pytest.approx(ckpt["train_seconds"])
 
-    # A run cut short (no done marker) continues from its last.pt instead of being reused.
+    # A run cut short (no done marker, not yet in --out) continues from its last.pt.
+    again = [
+        "--data", str(prepared), "--label", "real", "--epochs", "1", "--patience", "1",
+        "--runs", str(tmp_path / "runs"), "--out", str(out),
+    ]  # fmt: skip
+    measured = out.read_text()
+    out.write_text(json.dumps({"runs": runs[1:]}))  # camera's run was cut before its record
     (tmp_path / "runs" / "without-camera" / "done").unlink()
     calls = []
     monkeypatch.setattr(lofo.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
-    lofo.main([
-        "--data", str(prepared), "--label", "real", "--epochs", "1", "--patience", "1",
-        "--runs", str(tmp_path / "runs"), "--out", str(out),
-    ])  # fmt: skip
+    lofo.main(again)
     assert len(calls) == 1 and calls[0][-2:] == [
         "--resume",
         str(tmp_path / "runs" / "without-camera" / "last.pt"),
     ]
+    assert [r["held_out"] for r in json.loads(out.read_text())["runs"]] == ["camera", "people"]
+
+    # A fresh machine (no runs/): the sources already in --out are not trained again...
+    out.write_text(measured)
+    shutil.rmtree(tmp_path / "runs")
+    calls.clear()
+    lofo.main(again)
+    assert calls == [] and json.loads(out.read_text()) == json.loads(measured)
+    # ...unless they were measured at another schedule.
+    with pytest.raises(FileNotFoundError):  # it trains (a no-op here), then looks for best.pt
+        lofo.main([*again[:4], "--epochs", "2", *again[6:]])
+    assert (
+        len(calls) == 1
+        and "--epochs" in calls[0]
+        and calls[0][calls[0].index("--epochs") + 1] == "2"
+    )
 
 
 def test_the_attention_arm_trains_and_checks_its_placement(tmp_path, monkeypatch):
