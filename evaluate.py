@@ -22,6 +22,7 @@ the README's rule (validation decides; --lofo ON.json OFF.json adds its leave-on
 import argparse
 import csv
 import gzip
+import hashlib
 import json
 import math
 import sys
@@ -620,8 +621,12 @@ def score_run(facts, outputs):
         record[f"{split}_accuracy"] = m["accuracy"]
         record[f"{split}_f1"] = m["macro"]["f1"]
         record[f"{split}_auc"] = m["roc_auc"]
-        # The images' identity: the same dataset, split and input size pair two runs.
-        key = (facts["manifest_sha256"], split, facts["image_size"])
+        # The images' identity: the same faces (the stored crops are named by their original's
+        # hash) in the same order, at the same input size, pair two runs. Not the manifest's
+        # hash: a dataset prepared again on another machine has the same faces and splits but
+        # another one (MTCNN's last digits), and each session may start on a fresh machine.
+        faces = hashlib.sha256("\n".join(o["files"]).encode()).hexdigest()
+        key = (faces, split, facts["image_size"])
         right[split] = (key, ((prob >= facts["threshold"]).long() == labels).numpy())
     return record, right
 

@@ -145,5 +145,10 @@ def test_run_record_takes_a_dataset_prepared_again_but_not_another_split(
     run_record.main([str(tiny_runs["off"]), "--out", str(out), "--data", str(again)])
     r = json.loads(out.read_text())["attention-off"]
     assert r["manifest_sha256"] != r["trained_manifest_sha256"]
+    # Runs recorded on either copy still pair up: the same faces, another manifest hash.
+    import evaluate
+
+    run_record.main([str(tiny_runs["on"]), "--out", str(out)])
+    assert len(evaluate.compare_runs([out])["mcnemar"]["val"]["pairs"]) == 1
     with pytest.raises(SystemExit, match="not the dataset it was trained on"):
         run_record.main([str(tiny_runs["off"]), "--out", str(out), "--data", str(copy_with(moved))])
