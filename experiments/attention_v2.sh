@@ -4,6 +4,10 @@
 # `done` marker) is skipped, a cut one continues from its last.pt, so the same command picks
 # up where a session ended:
 #   nohup bash experiments/attention_v2.sh > logs/attention-v2.log 2>&1 &
+#   DEADLINE=08:05 nohup bash experiments/attention_v2.sh ...   # start only what ends by then
+# A run cut by a session's end is lost with the machine, so with DEADLINE (anything `date -d`
+# reads) a run is started only if its usual time on this CPU fits before it; the next one that
+# fits is tried instead.
 # About 11 hours of a 2-core CPU after the pilot (stage 1 picked); the README has the budget.
 # A fresh machine first needs the venv and data/faces (make setup prepare, 20 minutes).
 # Edit this file only by replacing it (write a copy, then mv): a running bash reads it as it goes.
@@ -12,14 +16,23 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/faces}
 
-# One train.py run: skipped when recorded, resumed when cut, started otherwise. runs/ is not
-# committed and a session may start on a fresh machine, so a finished run is kept in results/:
-# its record in runs.json, its history, and its val/test logits in predictions/, which is all
-# step 5 reads. A run must end within the session that starts it (about 2 h with attention).
+# Does a run of about $1 minutes end before DEADLINE? (Always, without one.) $2 names it.
+fits() {
+  [[ -z ${DEADLINE:-} ]] && return 0
+  local left=$((($(date -d "$DEADLINE" +%s) - $(date +%s)) / 60))
+  ((left >= $1)) && return 0
+  echo "== $2: needs ~$1 min, $left left before $DEADLINE: not started"
+  return 1
+}
+
+# One train.py run of about $1 minutes: skipped when recorded, resumed when cut, started
+# otherwise. runs/ is not committed and a session may start on a fresh machine, so a finished
+# run is kept in results/: its record in runs.json, its history, and its val/test logits in
+# predictions/, which is all step 6 reads.
 RECORDS=results/attention-v2/runs.json
 train() {
-  local out=$1
-  shift
+  local minutes=$1 out=$2
+  shift 2
   if [[ -f results/attention-v2/predictions/$(basename "$out").csv.gz ]]; then
     echo "== $out: recorded, reused"
     return
@@ -30,6 +43,7 @@ train() {
     $PY train.py --resume "$out/last.pt"
     touch "$out/done"
   else
+    fits "$minutes" "$out" || return 0
     echo "== $out: starting"
     $PY train.py --data "$DATA" --out "$out" "$@"
     touch "$out/done"
@@ -42,8 +56,8 @@ train() {
 #    from there instead of training the pilot again.
 PILOT=results/attention-v2/pilot.json
 if [[ ! -f $PILOT ]]; then
-  train runs/att-pilot-s2 --attention on --attention-stage 2 --epochs 6 --patience 6
-  train runs/att-pilot-s1 --attention on --attention-stage 1 --epochs 6 --patience 6
+  train 25 runs/att-pilot-s2 --attention on --attention-stage 2 --epochs 6 --patience 6
+  train 45 runs/att-pilot-s1 --attention on --attention-stage 1 --epochs 6 --patience 6
   # The rule written before the pilot: the higher validation accuracy at the run's own
   # threshold wins; within 0.5 points, stage 2 (the cheaper one) does.
   # The pilot's outcome, from the two runs' records (train() wrote them).
@@ -66,39 +80,55 @@ echo "== placement: stage $STAGE"
 # 2. Three seeds per arm at the shipped schedule (train.py's defaults, 20 epochs), paired
 #    in turn so a cut series still has whole pairs. Off seed 0 is the shipped run
 #    (models/facecheck.pt is its best.pt).
-train runs/ship-off-s0 --attention off --seed 0
-train runs/att-v2/on-s0 --attention on --attention-stage "$STAGE" --seed 0
+train 55 runs/ship-off-s0 --attention off --seed 0
+train 125 runs/att-v2/on-s0 --attention on --attention-stage "$STAGE" --seed 0
 
 # 3. While both seed-0 checkpoints are on this machine: the cost side (ORT batch-1 / batch-64
 #    latency of each arm, timed with nothing else running; parameters, FLOPs and training time
 #    are in the records) and the figure. The on arm's best.pt is kept in results/: if the rule
 #    picks attention, it is the model that ships.
-if [[ ! -f results/attention-v2/speed-on.json ]]; then
+SEED0=(runs/ship-off-s0/best.pt runs/att-v2/on-s0/best.pt)
+if [[ ! -f results/attention-v2/speed-on.json && -f ${SEED0[0]} && -f ${SEED0[1]} ]]; then
   $PY bench/speed.py --checkpoint runs/ship-off-s0/best.pt --no-int8 \
     --json results/attention-v2/speed-off.json
   $PY bench/speed.py --checkpoint runs/att-v2/on-s0/best.pt --no-int8 \
     --json results/attention-v2/speed-on.json
 fi
-if [[ ! -f results/attention-v2/attention-vs-saliency.png ]]; then
+if [[ ! -f results/attention-v2/attention-vs-saliency.png && -f ${SEED0[0]} && -f ${SEED0[1]} ]]; then
   $PY experiments/attention_figure.py --on runs/att-v2/on-s0 --off runs/ship-off-s0 \
     --out results/attention-v2/attention-vs-saliency.png
 fi
 KEPT=results/attention-v2/on-s0-best.pt
-[[ -f $KEPT ]] || { cp runs/att-v2/on-s0/best.pt "$KEPT.tmp" && mv "$KEPT.tmp" "$KEPT"; }
+[[ -f $KEPT || ! -f ${SEED0[1]} ]] || { cp runs/att-v2/on-s0/best.pt "$KEPT.tmp" && mv "$KEPT.tmp" "$KEPT"; }
 
 # 4. The on arm's leave-one-out on every real source and the diffusion source sd15 (the off
 #    arm's is results/lofo-v2.json, same schedule); sources already in the results are reused.
 #    Before the other seeds: its 30-minute runs fit the end of a session, 2-hour runs do not.
-$PY experiments/lofo.py --data "$DATA" --attention on --attention-stage "$STAGE" \
-  --epochs 6 --patience 6 --runs runs/lofo-v2-on --out results/lofo-v2-on.json \
-  --sources ffhq lfw ffhq_128 celeba_crops allagefaces unsplash amfd sd15_portraits
+LOFO=results/lofo-v2-on.json
+for source in ffhq lfw ffhq_128 celeba_crops allagefaces unsplash amfd sd15_portraits; do
+  recorded=$($PY -c "import json, sys; print(any(r['held_out'] == sys.argv[1] for r in \
+    json.load(open(sys.argv[2]))['runs']))" "$source" "$LOFO")
+  [[ $recorded == True ]] && continue
+  [[ -f runs/lofo-v2-on/without-$source/last.pt ]] || fits 35 "without $source" || continue
+  $PY experiments/lofo.py --data "$DATA" --attention on --attention-stage "$STAGE" \
+    --epochs 6 --patience 6 --runs runs/lofo-v2-on --out "$LOFO" --sources "$source"
+done
 
 # 5. Seeds 1 and 2 of both arms.
 for s in 1 2; do
-  train runs/att-v2/off-s$s --attention off --seed $s
-  train runs/att-v2/on-s$s --attention on --attention-stage "$STAGE" --seed $s
+  train 55 runs/att-v2/off-s$s --attention off --seed $s
+  train 125 runs/att-v2/on-s$s --attention on --attention-stage "$STAGE" --seed $s
 done
 
-# 6. The verdict and the table, from the recorded runs (the test split is summed up here, once).
-$PY evaluate.py --compare "$RECORDS" \
-  --lofo results/lofo-v2-on.json results/lofo-v2.json --out results/attention-v2
+# 6. The verdict and the table, from the recorded runs (the test split is summed up here, once),
+#    when all six are recorded.
+missing=()
+for run in ship-off-s0 on-s0 off-s1 on-s1 off-s2 on-s2; do
+  [[ -f results/attention-v2/predictions/$run.csv.gz ]] || missing+=("$run")
+done
+if ((${#missing[@]} == 0)); then
+  $PY evaluate.py --compare "$RECORDS" \
+    --lofo results/lofo-v2-on.json results/lofo-v2.json --out results/attention-v2
+else
+  echo "== verdict: waits for the records of ${missing[*]}"
+fi
