@@ -26,6 +26,25 @@ def test_attention_figure_shows_both_arms_on_the_same_faces(tiny_runs, prepared,
         attention_figure.main(["--on", str(tiny_runs["off"]), "--off", str(tiny_runs["on"]),
                                "--out", str(tmp_path / "no.png")])  # fmt: skip
     assert not (tmp_path / "no.png").exists()
+    # A run trained on the same faces prepared again (another manifest hash) is drawn, with a
+    # warning; two runs that would be scored on different datasets are refused.
+    import torch
+
+    again = tmp_path / "again"
+    again.mkdir()
+    ckpt = torch.load(tiny_runs["off"] / "best.pt", weights_only=True)
+    torch.save({**ckpt, "manifest_sha256": "0" * 64}, again / "best.pt")
+    attention_figure.main(["--on", str(tiny_runs["on"]), "--off", str(again),
+                           "--out", str(tmp_path / "again.png")])  # fmt: skip
+    assert (
+        tmp_path / "again.png"
+    ).is_file() and "manifest_sha256 differs" in capsys.readouterr().err
+    torch.save({**ckpt, "data": str(tmp_path / "elsewhere")}, again / "best.pt")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "manifest.csv").write_text((prepared / "manifest.csv").read_text())
+    with pytest.raises(SystemExit, match="scored on different datasets"):
+        attention_figure.main(["--on", str(tiny_runs["on"]), "--off", str(again),
+                               "--out", str(tmp_path / "no.png")])  # fmt: skip
 
 
 def test_faces_per_source_takes_each_source_once_reals_first():
