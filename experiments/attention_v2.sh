@@ -81,7 +81,7 @@ echo "== placement: stage $STAGE"
 #    in turn so a cut series still has whole pairs. Off seed 0 is the shipped run
 #    (models/facecheck.pt is its best.pt).
 train 55 runs/ship-off-s0 --attention off --seed 0
-train 125 runs/att-v2/on-s0 --attention on --attention-stage "$STAGE" --seed 0
+train 120 runs/att-v2/on-s0 --attention on --attention-stage "$STAGE" --seed 0
 
 # 3. While both seed-0 checkpoints are on this machine: the cost side (ORT batch-1 / batch-64
 #    latency of each arm, timed with nothing else running; parameters, FLOPs and training time
@@ -101,9 +101,23 @@ fi
 KEPT=results/attention-v2/on-s0-best.pt
 [[ -f $KEPT || ! -f ${SEED0[1]} ]] || { cp runs/att-v2/on-s0/best.pt "$KEPT.tmp" && mv "$KEPT.tmp" "$KEPT"; }
 
-# 4. The on arm's leave-one-out on every real source and the diffusion source sd15 (the off
+# 4. Seeds 1 and 2 of both arms, the two off runs first: with DEADLINE, each session
+#    takes what fits in this order, and two 55-minute off runs fill one session where a
+#    2-hour on run and a 35-minute leave-one-out fill each of the next two (the order of the
+#    pairs does not matter to the verdict, which waits for all six).
+for arm in off on; do
+  for s in 1 2; do
+    if [[ $arm == off ]]; then
+      train 55 runs/att-v2/off-s$s --attention off --seed $s
+    else
+      train 120 runs/att-v2/on-s$s --attention on --attention-stage "$STAGE" --seed $s
+    fi
+  done
+done
+
+# 5. The on arm's leave-one-out on every real source and the diffusion source sd15 (the off
 #    arm's is results/lofo-v2.json, same schedule); sources already in the results are reused.
-#    Before the other seeds: its 30-minute runs fit the end of a session, 2-hour runs do not.
+#    After the seeds: its 35-minute runs fill the end of a session a seed run cannot.
 LOFO=results/lofo-v2-on.json
 for source in ffhq lfw ffhq_128 celeba_crops allagefaces unsplash amfd sd15_portraits; do
   recorded=$($PY -c "import json, sys; print(any(r['held_out'] == sys.argv[1] for r in \
@@ -114,17 +128,15 @@ for source in ffhq lfw ffhq_128 celeba_crops allagefaces unsplash amfd sd15_port
     --epochs 6 --patience 6 --runs runs/lofo-v2-on --out "$LOFO" --sources "$source"
 done
 
-# 5. Seeds 1 and 2 of both arms.
-for s in 1 2; do
-  train 55 runs/att-v2/off-s$s --attention off --seed $s
-  train 125 runs/att-v2/on-s$s --attention on --attention-stage "$STAGE" --seed $s
-done
-
 # 6. The verdict and the table, from the recorded runs (the test split is summed up here, once),
-#    when all six are recorded.
+#    when all six are recorded and the on arm's leave-one-out has every source (rule C reads it).
 missing=()
 for run in ship-off-s0 on-s0 off-s1 on-s1 off-s2 on-s2; do
   [[ -f results/attention-v2/predictions/$run.csv.gz ]] || missing+=("$run")
+done
+for source in ffhq lfw ffhq_128 celeba_crops allagefaces unsplash amfd sd15_portraits; do
+  $PY -c "import json, sys; sys.exit(not any(r['held_out'] == sys.argv[1] for r in \
+    json.load(open(sys.argv[2]))['runs']))" "$source" "$LOFO" || missing+=("without-$source")
 done
 if ((${#missing[@]} == 0)); then
   $PY evaluate.py --compare "$RECORDS" \
