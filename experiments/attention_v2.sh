@@ -105,24 +105,23 @@ KEPT=results/attention-v2/on-s0-best.pt
 #    takes what fits in this order, and two 55-minute off runs fill one session where a
 #    2-hour on run and a 35-minute leave-one-out fill each of the next two (the order of the
 #    pairs does not matter to the verdict, which waits for all six).
-for arm in off on; do
-  for s in 1 2; do
-    if [[ $arm == off ]]; then
-      train 55 runs/att-v2/off-s$s --attention off --seed $s
-    else
-      train 120 runs/att-v2/on-s$s --attention on --attention-stage "$STAGE" --seed $s
-    fi
-  done
+for s in 1 2; do train 55 runs/att-v2/off-s$s --attention off --seed $s; done
+for s in 1 2; do
+  train 120 runs/att-v2/on-s$s --attention on --attention-stage "$STAGE" --seed $s
 done
 
 # 5. The on arm's leave-one-out on every real source and the diffusion source sd15 (the off
 #    arm's is results/lofo-v2.json, same schedule); sources already in the results are reused.
 #    After the seeds: its 35-minute runs fill the end of a session a seed run cannot.
 LOFO=results/lofo-v2-on.json
-for source in ffhq lfw ffhq_128 celeba_crops allagefaces unsplash amfd sd15_portraits; do
-  recorded=$($PY -c "import json, sys; print(any(r['held_out'] == sys.argv[1] for r in \
-    json.load(open(sys.argv[2]))['runs']))" "$source" "$LOFO")
-  [[ $recorded == True ]] && continue
+LOFO_SOURCES=(ffhq lfw ffhq_128 celeba_crops allagefaces unsplash amfd sd15_portraits)
+# Is source $1 in the on arm's leave-one-out results?
+lofo_recorded() {
+  $PY -c "import json, sys; sys.exit(not any(r['held_out'] == sys.argv[1] for r in \
+    json.load(open(sys.argv[2]))['runs']))" "$1" "$LOFO"
+}
+for source in "${LOFO_SOURCES[@]}"; do
+  lofo_recorded "$source" && continue
   [[ -f runs/lofo-v2-on/without-$source/last.pt ]] || fits 35 "without $source" || continue
   $PY experiments/lofo.py --data "$DATA" --attention on --attention-stage "$STAGE" \
     --epochs 6 --patience 6 --runs runs/lofo-v2-on --out "$LOFO" --sources "$source"
@@ -134,9 +133,8 @@ missing=()
 for run in ship-off-s0 on-s0 off-s1 on-s1 off-s2 on-s2; do
   [[ -f results/attention-v2/predictions/$run.csv.gz ]] || missing+=("$run")
 done
-for source in ffhq lfw ffhq_128 celeba_crops allagefaces unsplash amfd sd15_portraits; do
-  $PY -c "import json, sys; sys.exit(not any(r['held_out'] == sys.argv[1] for r in \
-    json.load(open(sys.argv[2]))['runs']))" "$source" "$LOFO" || missing+=("without-$source")
+for source in "${LOFO_SOURCES[@]}"; do
+  lofo_recorded "$source" || missing+=("without-$source")
 done
 if ((${#missing[@]} == 0)); then
   $PY evaluate.py --compare "$RECORDS" \
