@@ -102,9 +102,9 @@ KEPT=results/attention-v2/on-s0-best.pt
 [[ -f $KEPT || ! -f ${SEED0[1]} ]] || { cp runs/att-v2/on-s0/best.pt "$KEPT.tmp" && mv "$KEPT.tmp" "$KEPT"; }
 
 # 4. Seeds 1 and 2 of both arms, the two off runs first: with DEADLINE, each session
-#    takes what fits in this order, and two 55-minute off runs fill one session where a
-#    2-hour on run and a 35-minute leave-one-out fill each of the next two (the order of the
-#    pairs does not matter to the verdict, which waits for all six).
+#    takes what fits in this order: the two 55-minute off runs share a session (with room
+#    left for leave-one-out runs), a 2-hour on run takes one of its own. The order of the
+#    pairs does not matter to the verdict, which waits for all six.
 for s in 1 2; do train 55 runs/att-v2/off-s$s --attention off --seed $s; done
 for s in 1 2; do
   train 120 runs/att-v2/on-s$s --attention on --attention-stage "$STAGE" --seed $s
