@@ -621,6 +621,12 @@ def score_run(facts, outputs):
         record[f"{split}_accuracy"] = m["accuracy"]
         record[f"{split}_f1"] = m["macro"]["f1"]
         record[f"{split}_auc"] = m["roc_auc"]
+        # The shortcut audit of evaluate_split, per run: prepare_data.py stores each crop as
+        # images/<source>/<sha>.png, so a recorded run (names and logits) still has its sources.
+        rows = [{"source": Path(f).parent.name, "label": CLASS_NAMES[y]}
+                for f, y in zip(o["files"], labels.tolist(), strict=True)]  # fmt: skip
+        sources = per_source_table(rows, prob, facts["threshold"])
+        record[f"{split}_per_source"] = {s.pop("source"): s for s in sources}
         # The images' identity: the same faces (the stored crops are named by their original's
         # hash) in the same order, at the same input size, pair two runs. Not the manifest's
         # hash: a dataset prepared again on another machine has the same faces and splits but
@@ -629,6 +635,12 @@ def score_run(facts, outputs):
         key = (faces, split, facts["image_size"])
         right[split] = (key, ((prob >= facts["threshold"]).long() == labels).numpy())
     return record, right
+
+
+def mean_std(values):
+    """{"mean", "std"}: the sample std (ddof 1); none from a single run."""
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None}
 
 
 def compare_runs(paths, data=None, device=None, batch_size=256, lofo=None):
@@ -652,11 +664,17 @@ def compare_runs(paths, data=None, device=None, batch_size=256, lofo=None):
         arms[arm].update(params=rs[0]["params"], flops=rs[0]["flops"])
         for k in ("val_loss", "val_accuracy", "val_f1", "test_accuracy", "test_f1", "test_auc"):
             v = np.array([r[k] for r in rs if r[k] is not None], dtype=float)
-            if len(v):  # the sample std (ddof 1); none from a single run
-                arms[arm][k] = {
-                    "mean": float(v.mean()),
-                    "std": float(v.std(ddof=1)) if len(v) > 1 else None,
-                }
+            if len(v):
+                arms[arm][k] = mean_std(v)
+        # The shortcut audit across seeds: each source's accuracy, mean +- std over the runs
+        # (the sources every run of the arm was scored on).
+        for split in ("val", "test"):
+            per_run = [r[f"{split}_per_source"] for r in rs]
+            arms[arm][f"{split}_per_source"] = {
+                name: {"label": s["label"], "n": s["n"],
+                       **mean_std([p[name]["accuracy"] for p in per_run])}
+                for name, s in per_run[0].items() if all(name in p for p in per_run)
+            }  # fmt: skip
 
     # Pair each "on" run with an unused "off" run of the same seed and the same images.
     matched, free = [], [j for j, r in enumerate(records) if r["attention"] == "off"]
@@ -804,6 +822,14 @@ def compare_markdown(result):
         )
         text += f"\n\nMcNemar exact test, {split} split (b: only attention on right, c: only off)"
         text += "\n\n" + table(["seed", "n", "b", "c", "p"], rows)
+    if {"on", "off"} <= set(result["arms"]):
+        for split in ("val", "test"):
+            on, off = (result["arms"][a][f"{split}_per_source"] for a in ("on", "off"))
+            rows = [[name, s["label"], s["n"], _f(off[name]["mean"], 3), _f(s["mean"], 3),
+                     f"{100 * (s['mean'] - off[name]['mean']):+.1f}"]
+                    for name, s in on.items() if name in off]  # fmt: skip
+            text += f"\n\nAccuracy per source, {split} split, mean over each arm's runs\n\n"
+            text += table(["source", "class", "n", "off", "on", "on - off (points)"], rows)
     if lofo := result.get("lofo"):
         rows = [[s, v["label"], _f(v["off"], 3), _f(v["on"], 3), f"{100 * (v['on'] - v['off']):+.1f}"]
                 for s, v in lofo["sources"].items()]  # fmt: skip

@@ -231,6 +231,17 @@ def test_compare_tiny_runs(tiny_runs, prepared, tmp_path, capsys):
         "--device", "cpu",
     ])  # fmt: skip
     assert runs["off"]["test_accuracy"] == pytest.approx(single["metrics"]["accuracy"])
+    # Per source too: the same faces as the single evaluation's shortcut audit, which reads
+    # the source from the manifest, not from the crop's folder.
+    per_source = runs["off"]["test_per_source"]
+    assert {s["source"]: (s["n"], pytest.approx(s["accuracy"])) for s in single["per_source"]} == {
+        name: (s["n"], s["accuracy"]) for name, s in per_source.items()
+    }
+    # One run per arm: its arm's per-source mean is that run's, with no std.
+    arm_off = result["arms"]["off"]["test_per_source"]
+    assert {k: (v["mean"], v["std"]) for k, v in arm_off.items()} == {
+        k: (v["accuracy"], None) for k, v in per_source.items()
+    }
     assert "McNemar" in capsys.readouterr().out
     # A folder holding several runs is expanded; one run per arm gives no mean +- std table.
     parent = tmp_path / "runs"
@@ -241,6 +252,12 @@ def test_compare_tiny_runs(tiny_runs, prepared, tmp_path, capsys):
     assert len(three["mcnemar"]["val"]["pairs"]) == 1  # one "off" run to pair with
     text = evaluate.compare_markdown(three)
     assert "± " in text and "| on (stage 2) |" in text and "train min" in text
+    assert "Accuracy per source, val split" in text
+    on_val = three["arms"]["on"]["val_per_source"]
+    runs_on = [r for r in three["runs"] if r["attention"] == "on"]
+    for name, s in on_val.items():  # the mean over the arm's two runs
+        accs = [r["val_per_source"][name]["accuracy"] for r in runs_on]
+        assert s["mean"] == pytest.approx(sum(accs) / 2) and s["std"] is not None
 
 
 def test_default_checkpoint_is_lowest_val_loss(tiny_runs, tmp_path, prepared):
