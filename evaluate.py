@@ -16,7 +16,8 @@ framing or codec instead of generator traces shows up as one source far below th
 --compare evaluates every run on validation and test and writes compare.json and
 compare.md: per-run records, mean +- std per arm (attention on / off; overall and each
 source's accuracy), McNemar's exact test on the paired validation and test predictions of runs
-with the same seed, and the verdict by the README's rule (validation decides; --lofo ON.json OFF.json adds its leave-one-out part).
+with the same seed, and the verdict by the README's rule (validation decides; --lofo ON.json
+OFF.json adds its leave-one-out part).
 """
 
 import argparse
