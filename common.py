@@ -142,6 +142,12 @@ STORE_SCALE = 0.75
 VIEW = 0.8  # model view = VIEW x stored side = 0.6 x the FFHQ-like side
 FACE_MIN_SCORE = 0.9  # MTCNN's last-stage probability; below it a "face" is often a pattern
 DETECT_MAX_SIDE = 1024  # detection runs on a copy no larger than this (speed); boxes scaled back
+# Faces smaller than this share of the photo's short side are not looked for: MTCNN's finest
+# pyramid scales (faces of 20 px in a large photo) cost most of its time, and so small a face
+# makes a blurred, upscaled crop for the model. The scales kept are MTCNN's own, so the faces
+# found there are MTCNN's (bench/detector.py: same photos with a face on every shared source,
+# framing IoU 1.0; on several-face photos 0.1 missed a face of ~7% of the short side).
+FACE_MIN_SHARE = 0.07
 
 
 def stored_size(model_size):
@@ -196,10 +202,9 @@ def stored_crop(rgb, landmarks, size):
 def model_view(stored, framing=1.0):
     """The model's input from stored crops (uint8 N x 3 x S x S tensor or S x S x 3 array):
     the centre VIEW * framing of the side (framing 1.25 = the face framed wider), resized to
-    the model size only when framing != 1 (at 1 it is an exact slice: no resampling)."""
-    import torch
-
-    is_tensor = isinstance(stored, torch.Tensor)
+    the model size only when framing != 1 (at 1 it is an exact slice: no resampling). A numpy
+    array needs no torch: training's tensors (framing 1) and infer.py's arrays get the same slice."""
+    is_tensor = not isinstance(stored, np.ndarray)
     side_px = stored.shape[-1] if is_tensor else stored.shape[1]
     model_size = round(side_px * VIEW)
     crop = min(side_px, round(model_size * framing))
@@ -231,44 +236,279 @@ def face_inputs(rgb, model_size, detector=None):
     ]
 
 
+# MTCNN (Zhang et al. 2016) as facenet-pytorch 2.5.3 runs it (models/utils/detect_face.py),
+# in numpy + ONNX Runtime: its P-, R- and O-nets exported once to models/mtcnn/*.onnx by
+# `export.py --detector` (weights from facenet-pytorch's wheel, MIT, LICENSE beside them). The
+# cascade below mirrors detect_face step by step, so the faces and landmarks -- and with them
+# every stored crop -- are those facenet-pytorch finds; no torch is needed to find a face.
+MTCNN_DIR = Path(__file__).resolve().parent / "models" / "mtcnn"
+MTCNN_MIN_FACE = 20  # px: facenet-pytorch's default min_face_size
+MTCNN_FACTOR = 0.709  # pyramid step
+MTCNN_THRESHOLDS = (0.6, 0.7, 0.7)  # P-, R-, O-net face probability
+
+
+def _box_sums(integral, rows, cols):
+    """Window sums of an integral image (N x (H+1) x (W+1) x 3, from _integral) over the
+    row windows rows = (start, end) and column windows cols = (start, end), index arrays of
+    one image: N x len(rows) x len(cols) x 3. Separable: rows first, then columns."""
+    (r0, r1), (c0, c1) = rows, cols
+    band = integral[:, r1] - integral[:, r0]  # N x R x (W+1) x 3, cumulative along W
+    return band[:, :, c1] - band[:, :, c0]
+
+
+def _integral(images, session=None):
+    """uint8 N x H x W x 3 -> the zero-padded integral image N x (H+1) x (W+1) x 3, so window sums
+    are exact: int32 from session (models/mtcnn/integral.onnx: ONNX Runtime's CumSum is several
+    times numpy's speed) while the sums fit, else int64 in numpy."""
+    n, h, w, c = images.shape
+    if session is not None and h * w * 255 < 2**31:
+        return session.run(None, {"image": np.ascontiguousarray(images)})[0]
+    integral = np.zeros((n, h + 1, w + 1, c), np.int64)
+    np.cumsum(images, axis=1, dtype=np.int64, out=integral[:, 1:, 1:])
+    np.cumsum(integral[:, 1:, 1:], axis=2, out=integral[:, 1:, 1:])
+    return integral
+
+
+def _area_windows(start, length, size):
+    """torch's interpolate(mode="area") = adaptive average pooling: output i of size averages
+    input [floor(i * length / size), ceil((i + 1) * length / size)) of the span at start."""
+    i = np.arange(size)
+    return start + (i * length) // size, start + ((i + 1) * length + size - 1) // size
+
+
+def _area_resize(integral, height, width, out_h, out_w):
+    """The whole image area-resized to out_h x out_w: float32 N x out_h x out_w x 3."""
+    rows, cols = _area_windows(0, height, out_h), _area_windows(0, width, out_w)
+    counts = ((rows[1] - rows[0])[:, None] * (cols[1] - cols[0])[None, :])[None, :, :, None]
+    return _box_sums(integral, rows, cols).astype(np.float32) / counts.astype(np.float32)
+
+
+def _area_crops(integral, image_index, y0, y1, x0, x1, size):
+    """Crops [y0, y1) x [x0, x1) of the images image_index, each area-resized to size x size:
+    float32 K x size x size x 3, four gathers from the integral image for all crops at once."""
+    rs, re = _area_windows(y0[:, None], (y1 - y0)[:, None], size)  # K x size
+    cs, ce = _area_windows(x0[:, None], (x1 - x0)[:, None], size)
+    n, rows, cols, _ = integral.shape
+    flat = integral.reshape(n * rows * cols, 3)
+    rs, re = ((image_index[:, None] * rows + r)[:, :, None] * cols for r in (rs, re))
+    cs, ce = cs[:, None, :], ce[:, None, :]
+    sums = flat[re + ce] - flat[rs + ce] - flat[re + cs] + flat[rs + cs]
+    counts = ((re - rs) // cols * (ce - cs))[..., None]
+    return sums.astype(np.float32) / counts.astype(np.float32)
+
+
+def _net_input(pixels):
+    """MTCNN's input: (pixel - 127.5) / 128, N x H x W x 3 -> N x 3 x H x W float32."""
+    return np.ascontiguousarray(((pixels - 127.5) * 0.0078125).transpose(0, 3, 1, 2))
+
+
+def _nms(boxes, scores, groups, threshold, mode="union"):
+    """Greedy non-maximum suppression within each group (image): indices kept, best first.
+    "union": torchvision.ops.nms (IoU, areas without +1); "min": facenet-pytorch's nms_numpy
+    'Min' (intersection over the smaller box, areas with +1)."""
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    one = 1.0 if mode == "min" else 0.0
+    span = boxes[:, :4].max() - min(boxes[:, :4].min(), 0) + 1 + one
+    offset = (groups * span)[:, None]  # shifted apart, boxes of two groups never overlap
+    x0, y0, x1, y1 = (boxes[:, :4] + offset).T
+    area = (x1 - x0 + one) * (y1 - y0 + one)
+    # Ties (probabilities saturate at 1.0) go as there: torchvision takes the first, nms_numpy
+    # (np.argsort ascending, then the last) the last.
+    order = (
+        np.argsort(-scores, kind="stable")
+        if mode == "union"
+        else np.argsort(scores, kind="stable")[::-1]
+    )
+    keep = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        w = np.maximum(0.0, np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]) + one)
+        h = np.maximum(0.0, np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]) + one)
+        inter = w * h
+        if mode == "min":
+            overlap = inter / np.minimum(area[i], area[rest])
+        else:
+            overlap = inter / (area[i] + area[rest] - inter)
+        order = rest[overlap <= threshold]
+    return np.asarray(keep, np.int64)
+
+
+def _square(boxes):
+    """facenet-pytorch's rerec: each box made a square of its longer side, same centre."""
+    boxes = boxes.copy()
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    boxes[:, 0] += w * 0.5 - side * 0.5
+    boxes[:, 1] += h * 0.5 - side * 0.5
+    boxes[:, 2:4] = boxes[:, :2] + side[:, None]
+    return boxes
+
+
+def _regress(boxes, reg):
+    """facenet-pytorch's bbreg: the net's offsets, in units of the box side (+1)."""
+    boxes = boxes.copy()
+    w = boxes[:, 2] - boxes[:, 0] + 1
+    h = boxes[:, 3] - boxes[:, 1] + 1
+    boxes[:, :4] += reg[:, :4] * np.stack([w, h, w, h], axis=1)
+    return boxes
+
+
+def _crop_windows(boxes, width, height):
+    """facenet-pytorch's pad: each box truncated to whole pixels and cut to the photo (it is
+    not padded: a box over the edge gives a squeezed crop, as there). Returns the 0-based
+    windows (y0, y1, x0, x1) and which boxes keep a non-empty one."""
+    b = np.trunc(boxes[:, :4]).astype(np.int64)
+    x0, y0 = np.maximum(b[:, 0], 1) - 1, np.maximum(b[:, 1], 1) - 1
+    x1, y1 = np.minimum(b[:, 2], width), np.minimum(b[:, 3], height)
+    ok = (y1 > y0) & (x1 > x0)
+    return (y0[ok], y1[ok], x0[ok], x1[ok]), ok
+
+
+def _session(path, threads, providers):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice (the cores)
+    options.inter_op_num_threads = 1
+    # Busy-waiting threads would take the cores from decoding between the many small runs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `python export.py --detector`")
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
 class FaceDetector:
-    """MTCNN (facenet-pytorch: weights inside its wheel, loaded by torch.load, whose default
-    is weights_only=True) -> faces of a decoded photo, largest first. Each face is a dict:
-    box (x0, y0, x1, y1), landmarks (5 x 2), score. Faces scored below min_score are dropped."""
+    """MTCNN in ONNX Runtime (no torch) -> faces of a decoded photo, largest first. Each face is a
+    dict: box (x0, y0, x1, y1) clipped to the photo, landmarks (5 x 2: eyes, nose, mouth
+    corners), score (the O-net's probability). Faces scored below min_score are dropped.
+    Detection runs on a copy no larger than max_side (bilinear); boxes are scaled back; faces
+    smaller than min_face px or min_face_share of the short side are not looked for.
+    threads: ONNX Runtime's intra-op threads per call (default 1: the nets are small, a photo
+    makes a dozen short calls, and callers get more from running photos in parallel -- one
+    detector may serve several threads at once; None: ONNX Runtime's choice, one per core).
+    device "cuda": ONNX Runtime's CUDA provider where it has one."""
 
-    def __init__(self, device="cpu", min_score=FACE_MIN_SCORE, max_side=DETECT_MAX_SIDE):
-        from facenet_pytorch import MTCNN
+    def __init__(self, device="cpu", min_score=FACE_MIN_SCORE, max_side=DETECT_MAX_SIDE,
+                 threads=1, min_face=MTCNN_MIN_FACE, min_face_share=FACE_MIN_SHARE,
+                 model_dir=MTCNN_DIR):  # fmt: skip
+        import onnxruntime as ort
 
-        self.mtcnn = MTCNN(keep_all=True, select_largest=True, device=device)
-        self.min_score, self.max_side = min_score, max_side
+        providers = ["CPUExecutionProvider"]
+        if (
+            str(device).startswith("cuda")
+            and "CUDAExecutionProvider" in ort.get_available_providers()
+        ):
+            providers.insert(0, "CUDAExecutionProvider")
+        self.pnet, self.rnet, self.onet, self.integral = (
+            _session(Path(model_dir) / f"{name}.onnx", threads, providers)
+            for name in ("pnet", "rnet", "onet", "integral")
+        )
+        self.min_score, self.max_side, self.min_face = min_score, max_side, min_face
+        self.min_face_share = min_face_share
 
     def __call__(self, rgb):
         return self.batch(rgb[None])[0]
 
     def batch(self, images):
-        """Faces of N photos of one size (uint8 N x H x W x 3), one MTCNN pass for them all.
-        Boxes are clipped to the photo (MTCNN's may reach past its edges)."""
+        """Faces of N photos of one size (uint8 N x H x W x 3), one cascade for them all."""
         h, w = images.shape[1:3]
-        scale = min(1.0, self.max_side / max(h, w))
+        scale = min(1.0, self.max_side / max(h, w)) if self.max_side else 1.0
         size = (round(w * scale), round(h * scale))
-        if min(size) < self.mtcnn.min_face_size:
-            # A side shorter than the smallest face looked for (a thumbnail, a thin panorama
-            # once shrunk): MTCNN has no pyramid scale for it and fails instead of finding none.
+        if min(size) < self.min_face:
+            # Shorter than the smallest face looked for (a thumbnail, a thin panorama once
+            # shrunk): no pyramid scale, no face.
             return [[] for _ in images]
         if scale < 1:
             images = np.stack(
                 [np.asarray(Image.fromarray(im).resize(size, Image.BILINEAR)) for im in images]
             )
-        found = []
-        for boxes, scores, points in zip(*self.mtcnn.detect(images, landmarks=True)):
-            faces = [
-                {"box": np.clip(box / scale, 0, [w, h, w, h]), "landmarks": pts / scale, "score": float(score)}
-                for box, score, pts in zip(boxes, scores, points)
-                if score >= self.min_score
-            ] if boxes is not None else []  # fmt: skip
-            area = lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])  # noqa: E731
-            found.append(sorted(faces, key=lambda f: -area(f)))
-        return found
+        boxes, points, image_index = self.detect(images)
+        found = [[] for _ in images]
+        for box, pts, k in zip(boxes, points, image_index):
+            if box[4] >= self.min_score:
+                found[k].append({"box": np.clip(box[:4] / scale, 0, [w, h, w, h]),
+                                 "landmarks": pts / scale, "score": float(box[4])})  # fmt: skip
+        area = lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])  # noqa: E731
+        return [sorted(faces, key=lambda f: -area(f)) for faces in found]
+
+    def detect(self, images):
+        """The cascade on uint8 N x H x W x 3: boxes K x 5 (x0, y0, x1, y1, score), landmarks
+        K x 5 x 2 and each face's image index, unclipped, in the photos' pixels."""
+        n, h, w = images.shape[:3]
+        integral = _integral(images, self.integral)
+        thresholds = MTCNN_THRESHOLDS
+        # Stage 1: the P-net slides over a pyramid (faces >= min_face px at the first scale).
+        # min_face_share drops the finest scales (faces smaller than that share of the short
+        # side); the scales kept are MTCNN's own, so the faces found there are the same.
+        scales, scale, short = [], 12.0 / self.min_face, min(h, w) * 12.0 / self.min_face
+        largest = 12.0 / (self.min_face_share * min(h, w)) if self.min_face_share else scale
+        while short >= 12:
+            if scale <= largest * (1 + 1e-9):
+                scales.append(scale)
+            scale, short = scale * MTCNN_FACTOR, short * MTCNN_FACTOR
+        proposals, groups = [np.zeros((0, 9), np.float32)], [np.zeros(0, np.int64)]
+        for scale in scales:
+            pixels = _area_resize(integral, h, w, int(h * scale + 1), int(w * scale + 1))
+            reg, prob = self.pnet.run(None, {"input": _net_input(pixels)})
+            k, y, x = np.nonzero(prob[:, 1] >= thresholds[0])
+            corner = np.stack([x, y], axis=1).astype(np.float32)
+            found = np.concatenate([
+                np.floor((2 * corner + 1) / np.float32(scale)),
+                np.floor((2 * corner + 12) / np.float32(scale)),
+                prob[k, 1, y, x][:, None], reg[k, :, y, x],
+            ], axis=1)  # fmt: skip
+            keep = _nms(found, found[:, 4], k, 0.5)
+            proposals.append(found[keep])
+            groups.append(k[keep])
+        boxes, groups = np.concatenate(proposals), np.concatenate(groups)
+        keep = _nms(boxes, boxes[:, 4], groups, 0.7)
+        boxes, groups = boxes[keep], groups[keep]
+        side = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]] * 2, axis=1)
+        boxes = _square(np.concatenate([boxes[:, :4] + boxes[:, 5:9] * side, boxes[:, 4:5]], 1))
+        # Stage 2: the R-net rescores and refines each candidate at 24 px.
+        if len(boxes):
+            windows, ok = _crop_windows(boxes, w, h)
+            boxes, groups = boxes[ok], groups[ok]
+        if len(boxes):
+            reg, prob = self.rnet.run(None, {"input": self._crops(integral, groups, windows, 24)})
+            passed = prob[:, 1] > thresholds[1]
+            boxes = np.concatenate([boxes[passed, :4], prob[passed, 1:2]], axis=1)
+            groups, reg = groups[passed], reg[passed]
+            keep = _nms(boxes, boxes[:, 4], groups, 0.7)
+            boxes = _square(_regress(boxes[keep], reg[keep]))
+            groups = groups[keep]
+        # Stage 3: the O-net at 48 px: final score, box and the five landmarks.
+        points = np.zeros((0, 5, 2), np.float32)
+        if len(boxes):
+            windows, ok = _crop_windows(boxes, w, h)
+            boxes, groups = boxes[ok], groups[ok]
+        if len(boxes):
+            reg, marks, prob = self.onet.run(
+                None, {"input": self._crops(integral, groups, windows, 48)}
+            )
+            passed = prob[:, 1] > thresholds[2]
+            boxes = np.concatenate([boxes[passed, :4], prob[passed, 1:2]], axis=1)
+            groups, reg, marks = groups[passed], reg[passed], marks[passed]
+            bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+            bh = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+            points = np.stack([bw * marks[:, :5] + boxes[:, 0:1] - 1,
+                               bh * marks[:, 5:] + boxes[:, 1:2] - 1], axis=2)  # fmt: skip
+            boxes = _regress(boxes, reg)
+            keep = _nms(boxes, boxes[:, 4], groups, 0.7, mode="min")
+            boxes, points, groups = boxes[keep], points[keep], groups[keep]
+        return boxes, points, groups
+
+    @staticmethod
+    def _crops(integral, groups, windows, size, chunk=512):
+        y0, y1, x0, x1 = windows
+        return np.concatenate([
+            _net_input(_area_crops(integral, groups[i : i + chunk], y0[i : i + chunk],
+                                   y1[i : i + chunk], x0[i : i + chunk], x1[i : i + chunk], size))
+            for i in range(0, len(groups), chunk)
+        ])  # fmt: skip
 
 
 def to_model_input(images_uint8):
@@ -279,6 +519,13 @@ def to_model_input(images_uint8):
     if isinstance(images_uint8, np.ndarray):
         images_uint8 = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2)
     return images_uint8.float().div_(255.0)
+
+
+def to_model_array(images_uint8):
+    """to_model_input without torch, for ONNX Runtime / TensorRT: uint8 N x H x W x 3 numpy ->
+    float32 N x 3 x H x W in [0, 1], bit for bit the same values (float32 x / 255)."""
+    pixels = np.ascontiguousarray(np.asarray(images_uint8).transpose(0, 3, 1, 2))
+    return pixels.astype(np.float32) / np.float32(255.0)
 
 
 def pick_device(name="auto"):

@@ -5,9 +5,9 @@
 Each --real / --fake DIR is one source, named by its folder name. The script
   1. finds images recursively and decodes them robustly (EXIF, any mode -> RGB);
      unusable files are listed with a reason in OUT/skipped.csv;
-  2. finds the faces once (MTCNN, common.FaceDetector) and keeps the largest face of each
-     image; an image without a face is skipped and counted per source. --faces whole treats
-     every image as one face already framed (the centred square);
+  2. finds the faces once (MTCNN in ONNX Runtime, common.FaceDetector) and keeps the
+     largest face of each image; an image without a face is skipped and counted per source.
+     --faces whole treats every image as one face already framed (the centred square);
   3. drops duplicates across ALL sources and both classes: exact (sha256 of the bytes) and
      near (a candidate from any of three perceptual hashes, confirmed by the correlation of
      32 px grey thumbnails), keeping one image per set and dropping a set that carries both
@@ -170,10 +170,8 @@ def process_one(job):
         landmarks, seconds = None, 0.0
         if faces_mode == "mtcnn":
             if _detector is None:
-                import torch
-
-                torch.set_num_threads(1)  # one per process: the pool is the parallelism
-                _detector = FaceDetector()
+                # One thread per process: the pool of processes is the parallelism.
+                _detector = FaceDetector(threads=1)
             started = time.perf_counter()
             faces = _detector(rgb)
             seconds = time.perf_counter() - started

@@ -1,36 +1,146 @@
-"""The face detector's cost on this machine: MTCNN (common.FaceDetector) per image, one at a
-time and batched (facenet-pytorch batches only images of one size), per source.
+"""The face finder on this machine: common.FaceDetector (MTCNN's nets in ONNX Runtime, the
+cascade in numpy) against facenet-pytorch's MTCNN in PyTorch (what common.FaceDetector ran
+before; needs facenet-pytorch, a development dependency), per source and on several-face photos.
 
-    python bench/detector.py --raw data/raw --per-source 24 --json results/detector.json
+    python bench/detector.py --raw data/raw --per-source 100 --json results/detector.json \\
+        --md results/detector-onnx.md
 
-For each source folder under RAW/{real,fake}/: --per-source images (a fixed random sample),
-decoded once; then the median over --runs rounds of (a) one detect() call per image and
-(b) one call per batch of same-size images, in ms per image, and the share of images with a
-face. --threads sets torch's CPU threads (default: torch's own choice).
+For each source folder under RAW/{real,fake}/: --per-source images (a fixed random sample,
+--seed), decoded once. Each detector finds the faces of every image one by one; reported are
+the photos with a face (score >= common.FACE_MIN_SCORE, as prepare_data.py and infer.py keep
+them), the faces found, the median and 10th percentile IoU of the framing square
+(common.face_square from the largest face's landmarks: the crop every stage makes) against
+facenet-pytorch's, and photos per second. Several-face photos: --scenes canvases of 1280 x 960
+with 2-4 of the sampled photos pasted at 160-400 px; a face counts as found when its box centre
+lies in a pasted photo (each photo once). Detectors:
+  torch        facenet-pytorch MTCNN as common.FaceDetector ran it before (the reference)
+  onnx-exact   common.FaceDetector(min_face_share=0): every pyramid scale, as facenet-pytorch
+  onnx         common.FaceDetector() as prepare_data.py and infer.py run it (default settings)
+--threads sets both torch's and ONNX Runtime's threads (default 1: the numbers then say what
+one core does, and hold up when other work shares the machine).
 """
 
 import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
+from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import FaceDetector, atomic_write, decode_image, find_images  # noqa: E402
+from common import (  # noqa: E402
+    DETECT_MAX_SIDE,
+    FACE_MIN_SCORE,
+    FaceDetector,
+    atomic_write,
+    decode_image,
+    face_square,
+    find_images,
+)
 
 
-def timed(fn):
+class TorchMTCNN:
+    """facenet-pytorch's MTCNN exactly as common.FaceDetector ran it before the ONNX port
+    (same max_side downscale, score cut, clipping and order)."""
+
+    def __init__(self, threads, min_score=FACE_MIN_SCORE, max_side=DETECT_MAX_SIDE):
+        import torch
+        from facenet_pytorch import MTCNN
+
+        torch.set_num_threads(threads)
+        self.mtcnn = MTCNN(keep_all=True, select_largest=True, device="cpu")
+        self.min_score, self.max_side = min_score, max_side
+
+    def __call__(self, rgb):
+        h, w = rgb.shape[:2]
+        scale = min(1.0, self.max_side / max(h, w))
+        size = (round(w * scale), round(h * scale))
+        if min(size) < self.mtcnn.min_face_size:
+            return []
+        if scale < 1:
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+        boxes, scores, points = self.mtcnn.detect(rgb, landmarks=True)
+        if boxes is None:
+            return []
+        faces = [{"box": np.clip(b / scale, 0, [w, h, w, h]), "landmarks": p / scale,
+                  "score": float(s)} for b, s, p in zip(boxes, scores, points)
+                 if s >= self.min_score]  # fmt: skip
+        area = lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])  # noqa: E731
+        return sorted(faces, key=lambda f: -area(f))
+
+
+def scene(photos, rng, size=(1280, 960), sides=(160, 400)):
+    """A size canvas (a smooth random background with noise, no face) with each photo pasted
+    once, resized to a random side in sides, without overlap: (uint8 array, pasted boxes)."""
+    w, h = size
+    grad = np.linspace(0, 1, w)[None, :, None] * rng.integers(-60, 60, 3) + rng.integers(60, 190, 3)
+    noise = rng.normal(0, 12, (h // 8, w // 8, 3))
+    background = np.clip(grad + np.kron(noise, np.ones((8, 8, 1))), 0, 255).astype(np.uint8)
+    canvas = Image.fromarray(background).filter(ImageFilter.GaussianBlur(3))
+    boxes = []
+    for photo in photos:
+        for _ in range(100):  # a free spot; small enough canvases always have one
+            side = int(rng.integers(*sides))
+            x, y = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+            if all(x + side <= b[0] or b[2] <= x or y + side <= b[1] or b[3] <= y for b in boxes):
+                break
+        else:
+            continue
+        ph, pw = photo.shape[:2]
+        scale = side / max(ph, pw)
+        im = Image.fromarray(photo).resize((round(pw * scale), round(ph * scale)), Image.BICUBIC)
+        canvas.paste(im, (x, y))
+        boxes.append((x, y, x + im.width, y + im.height))
+    return np.asarray(canvas), boxes
+
+
+def square_iou(a, b):
+    (ax, ay, s), (bx, by, t) = a, b
+    w = max(0.0, min(ax + s, bx + t) - max(ax, bx))
+    h = max(0.0, min(ay + s, by + t) - max(ay, by))
+    return w * h / (s * s + t * t - w * h)
+
+
+def run_all(detector, images):
+    """(faces of every image, photos per second)."""
     started = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - started, result
+    found = [detector(im) for im in images]
+    return found, len(images) / (time.perf_counter() - started)
+
+
+def compare(images, results, reference="torch"):
+    """Per detector: photos with a face, faces, framing IoU against the reference, photos/s;
+    and the IoUs themselves."""
+    row, all_ious = {}, {}
+    for name, (found, per_s) in results.items():
+        ious = [
+            square_iou(face_square(a[0]["landmarks"], im.shape[1], im.shape[0]),
+                       face_square(b[0]["landmarks"], im.shape[1], im.shape[0]))
+            for im, a, b in zip(images, results[reference][0], found) if a and b
+        ] if reference in results else []  # fmt: skip
+        row[name] = {
+            "with_face": sum(bool(f) for f in found),
+            "faces": sum(len(f) for f in found),
+            "iou_median": round(float(np.median(ious)), 4) if ious else None,
+            "iou_p10": round(float(np.percentile(ious, 10)), 4) if ious else None,
+            "photos_per_s": round(per_s, 1),
+        }
+        all_ious[name] = ious
+    return row, all_ious
+
+
+def pasted_found(faces, boxes):
+    """How many pasted photos hold the centre of a found face (each photo counted once)."""
+    hit = set()
+    for f in faces:
+        cx, cy = (f["box"][0] + f["box"][2]) / 2, (f["box"][1] + f["box"][3]) / 2
+        hit.update(k for k, b in enumerate(boxes) if b[0] <= cx <= b[2] and b[1] <= cy <= b[3])
+    return len(hit)
 
 
 def parse_args(argv=None):
@@ -38,66 +148,102 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--raw", default="data/raw", help="folder with real/ and fake/ sources")
-    p.add_argument("--per-source", type=int, default=24, help="images per source (default 24)")
-    p.add_argument("--runs", type=int, default=3, help="rounds per measurement (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", default=None, help="write the table as JSON here")
+    p.add_argument("--per-source", type=int, default=100, help="images per source (default 100)")
+    p.add_argument("--scenes", type=int, default=60, help="several-face photos (default 60)")
+    p.add_argument("--seed", type=int, default=0, help="sample and scene seed (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads (1)")
+    p.add_argument("--no-torch", action="store_true", help="skip facenet-pytorch (no reference)")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--md", default=None, help="write the tables as Markdown here")
     return p.parse_args(argv)
 
 
-def measure_source(detector, source, args):
-    """ms per image one by one and batched (same-size images together), and the face rate."""
-    files = find_images(source)
-    files = random.Random(0).sample(files, min(args.per_source, len(files)))
-    images = [decode_image(f) for f in files]
-    single, batched, found = [], [], None
-    by_size = defaultdict(list)
-    for im in images:
-        by_size[im.shape].append(im)
-    groups = [np.stack(g) for g in by_size.values()]
-    for _ in range(args.runs):
-        seconds, faces = timed(lambda: [detector(im) for im in images])  # noqa: B023
-        single.append(seconds / len(images))
-        found = sum(bool(f) for f in faces) / len(images)
-        seconds, _ = timed(lambda: [detector.batch(g) for g in groups])  # noqa: B023
-        batched.append(seconds / len(images))
-    return {
-        "source": f"{source.parent.name}/{source.name}",
-        "n": len(images),
-        "median_side_px": int(np.median([max(im.shape[:2]) for im in images])),
-        "ms_per_image_single": round(1000 * statistics.median(single), 1),
-        "ms_per_image_batched": round(1000 * statistics.median(batched), 1),
-        "face_found": round(found, 3),
-    }
-
-
-def print_table(table):
-    print("\n| source | n | side px | ms/image one by one | ms/image batched | face found |")
-    print("|---|---|---|---|---|---|")
-    for r in table:
-        print(f"| {r['source']} | {r['n']} | {r['median_side_px']} | {r['ms_per_image_single']} | "
-              f"{r['ms_per_image_batched']} | {r['face_found']:.2f} |")  # fmt: skip
+def markdown(payload):
+    names = list(payload["sources"][0]["detectors"])
+    head = " | ".join(f"{n} with face / faces" for n in names)
+    lines = [f"| source | n | {head} | IoU median (p10) vs torch: " + ", ".join(names[1:]) + " |",
+             "|---|---|" + "---|" * len(names) + "---|"]  # fmt: skip
+    for r in [*payload["sources"], payload["all"]]:
+        d = r["detectors"]
+        cells = " | ".join(f"{d[n]['with_face']} / {d[n]['faces']}" for n in names)
+        ious = ", ".join(f"{d[n]['iou_median']} ({d[n]['iou_p10']})" for n in names[1:])
+        lines.append(f"| {r['source']} | {r['n']} | {cells} | {ious} |")
+    s = payload["scenes"]
+    lines += ["", f"Several-face photos: {s['n']} canvases of 1280 x 960, {s['pasted']} photos "
+              "pasted (2-4 each, 160-400 px); faces found in them / extra faces elsewhere:", ""]  # fmt: skip
+    lines += [f"- {n}: {v['found']} / {s['pasted']} found, {v['extra']} extra, "
+              f"{v['photos_per_s']} photos/s" for n, v in s["detectors"].items()]  # fmt: skip
+    lines += ["", "Photos per second over all sources (one by one, "
+              f"{payload['threads']} thread(s), load average {payload['load_average']}): "
+              + ", ".join(f"{n} {payload['all']['detectors'][n]['photos_per_s']}" for n in names)]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     sources = sorted(d for d in Path(args.raw).glob("*/*") if d.is_dir())
     if not sources:
         sys.exit(f"error: no source folders under {args.raw}/real and {args.raw}/fake")
-    detector = FaceDetector()
-    detector(np.zeros((64, 64, 3), np.uint8))  # warm-up
-    table = []
+    detectors = {} if args.no_torch else {"torch": TorchMTCNN(args.threads)}
+    detectors["onnx-exact"] = FaceDetector(threads=args.threads, min_face_share=0.0)
+    detectors["onnx"] = FaceDetector(threads=args.threads)
+    for detector in detectors.values():
+        detector(np.zeros((64, 64, 3), np.uint8))  # warm-up
+    rng = random.Random(args.seed)
+    table, pool, ious = [], [], {name: [] for name in detectors}
     for source in sources:
-        table.append(measure_source(detector, source, args))
+        files = find_images(source)
+        images = [decode_image(f) for f in rng.sample(files, min(args.per_source, len(files)))]
+        results = {n: run_all(d, images) for n, d in detectors.items()}
+        row, source_ious = compare(images, results)
+        table.append({"source": f"{source.parent.name}/{source.name}", "n": len(images),
+                      "detectors": row})  # fmt: skip
+        for name in detectors:
+            ious[name] += source_ious[name]
         print(json.dumps(table[-1]), flush=True)
-    info = {"threads": torch.get_num_threads(), "load_average": list(map(float, os.getloadavg()))}
-    print_table(table)
-    print(f"\n{info}")
+        pool += images
+    totals = {}
+    for name in detectors:
+        rows = [r["detectors"][name] for r in table]
+        seconds = sum(r["n"] / d["photos_per_s"] for r, d in zip(table, rows))
+        totals[name] = {
+            "with_face": sum(d["with_face"] for d in rows),
+            "faces": sum(d["faces"] for d in rows),
+            "iou_median": round(float(np.median(ious[name])), 4) if ious[name] else None,
+            "iou_p10": round(float(np.percentile(ious[name], 10)), 4) if ious[name] else None,
+            "photos_per_s": round(sum(r["n"] for r in table) / seconds, 1),
+        }  # fmt: skip
+    scene_rng = np.random.default_rng(args.seed)
+    canvases, pasted = [], []
+    for _ in range(args.scenes):
+        picks = scene_rng.choice(len(pool), int(scene_rng.integers(2, 5)), replace=False)
+        canvas, boxes = scene([pool[k] for k in picks], scene_rng)
+        canvases.append(canvas)
+        pasted.append(boxes)
+    scenes = {"n": len(canvases), "pasted": sum(map(len, pasted)), "detectors": {}}
+    for name, detector in detectors.items():
+        found, per_s = run_all(detector, canvases)
+        hits = [pasted_found(f, b) for f, b in zip(found, pasted)]
+        scenes["detectors"][name] = {
+            "found": sum(hits), "extra": sum(len(f) for f in found) - sum(hits),
+            "photos_per_s": round(per_s, 1),
+        }  # fmt: skip
+    print(json.dumps(scenes), flush=True)
+    payload = {
+        "sources": table, "all": {"source": "all", "n": len(pool), "detectors": totals},
+        "scenes": scenes, "seed": args.seed, "threads": args.threads,
+        "onnx_settings": {"min_face_share": detectors["onnx"].min_face_share,
+                          "max_side": detectors["onnx"].max_side},
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+    }  # fmt: skip
+    text = markdown(payload)
+    print("\n" + text)
     if args.json:
-        payload = json.dumps({"sources": table, **info}, indent=1) + "\n"
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(payload))
+        atomic_write(
+            args.json, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n")
+        )
+    if args.md:
+        atomic_write(args.md, lambda tmp: Path(tmp).write_text(text))
 
 
 if __name__ == "__main__":

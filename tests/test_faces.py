@@ -1,17 +1,23 @@
 """The face front end (common.face_square / stored_crop / model_view / FaceDetector) and what
-prepare_data.py and infer.py do with it. Geometry on synthetic landmarks; detection on a few
-real faces from ../shared/data/faces (skipped with a reason where that folder is absent)."""
+prepare_data.py and infer.py do with it. Geometry on synthetic landmarks; the numpy + ONNX Runtime
+MTCNN cascade against plain references and, where it is installed, facenet-pytorch; detection
+on a few real faces from ../shared/data/faces (skipped with a reason where that folder is
+absent); and the whole face path with torch made unimportable."""
 
 import csv
+import importlib.util
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import torch
 from conftest import ROOT, synthetic_image
 from PIL import Image
 
+import common
 from common import (
+    MTCNN_DIR,
     STORE_SCALE,
     VIEW,
     FaceDetector,
@@ -22,8 +28,13 @@ from common import (
     model_view,
     stored_crop,
     stored_size,
+    to_model_array,
 )
 
+HAS_FACENET = importlib.util.find_spec("facenet_pytorch") is not None
+needs_facenet = pytest.mark.skipif(
+    not HAS_FACENET, reason="facenet-pytorch is not installed: no reference MTCNN to compare"
+)
 SHARED = ROOT.parent / "shared" / "data" / "faces"
 needs_shared = pytest.mark.skipif(
     not SHARED.is_dir(), reason=f"{SHARED} is absent: no real faces to detect"
@@ -88,11 +99,79 @@ def test_model_view_is_the_exact_centre_and_frames_wider_or_tighter():
     view = model_view(stored)
     assert stored.shape[0] == 160 and view.shape == (128, 128, 3)
     np.testing.assert_array_equal(view, stored[16:144, 16:144])
+    assert round(160 * VIEW) == 128
+    torch = pytest.importorskip("torch")
+    # training's path (uint8 N x 3 x S x S tensors) takes the very same pixels
     tensor = torch.from_numpy(stored).permute(2, 0, 1)[None]
     np.testing.assert_array_equal(model_view(tensor)[0].permute(1, 2, 0).numpy(), view)
     assert model_view(tensor, 1.25).shape[-2:] == (128, 128)  # the whole stored crop
     assert model_view(tensor, 0.8).shape[-2:] == (128, 128)
-    assert round(160 * VIEW) == 128
+    # and the model input made without torch is to_model_input's, bit for bit
+    batch = np.stack([view, view[::-1]])
+    np.testing.assert_array_equal(to_model_array(batch), common.to_model_input(batch).numpy())
+
+
+def test_area_resize_is_adaptive_average_pooling():
+    """torch's interpolate(mode="area"), which MTCNN's pyramid and crops use, is adaptive
+    average pooling: output i averages input [floor(i L / S), ceil((i + 1) L / S)). Checked
+    against that definition written out, down and up, and against torch where installed."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 23, 31, 3), dtype=np.uint8)
+    integral = common._integral(images)
+    for out_h, out_w in [(10, 13), (23, 31), (40, 50), (12, 12)]:
+        expected = np.empty((2, out_h, out_w, 3), np.float64)
+        for i in range(out_h):
+            r0, r1 = (i * 23) // out_h, -(-(i + 1) * 23 // out_h)
+            for j in range(out_w):
+                c0, c1 = (j * 31) // out_w, -(-(j + 1) * 31 // out_w)
+                expected[:, i, j] = images[:, r0:r1, c0:c1].mean(axis=(1, 2))
+        got = common._area_resize(integral, 23, 31, out_h, out_w)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    # crops: a window of each image, several at once, as the R- and O-nets take them
+    y0, y1, x0, x1 = np.array([0, 5]), np.array([23, 9]), np.array([3, 0]), np.array([20, 31])
+    crops = common._area_crops(integral, np.array([1, 0]), y0, y1, x0, x1, 8)
+    for k, (img, a, b, c, d) in enumerate(zip([1, 0], y0, y1, x0, x1)):
+        window = images[img : img + 1, a:b, c:d]
+        single = common._area_resize(common._integral(window), b - a, d - c, 8, 8)[0]
+        np.testing.assert_allclose(crops[k], single, rtol=0, atol=1e-4)
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    ref = torch.nn.functional.interpolate(x, size=(10, 13), mode="area").permute(0, 2, 3, 1)
+    np.testing.assert_allclose(common._area_resize(integral, 23, 31, 10, 13), ref, atol=1e-4)
+
+
+def test_integral_image_from_onnx_runtime_is_exact():
+    detector = FaceDetector()
+    images = np.random.default_rng(1).integers(0, 256, (2, 37, 29, 3), dtype=np.uint8)
+    from_ort = common._integral(images, detector.integral)
+    assert from_ort.dtype == np.int32
+    np.testing.assert_array_equal(from_ort, common._integral(images))
+
+
+def test_nms_keeps_the_best_and_drops_overlaps_per_image():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10],
+                      [2, 0, 6, 10]], np.float32)  # fmt: skip
+    scores = np.array([0.9, 0.95, 0.8, 0.7, 0.99], np.float32)
+    groups = np.array([0, 0, 0, 1, 0])  # box 3 is the same box in another photo: kept
+    keep = common._nms(boxes, scores, groups, 0.5)
+    assert keep.tolist() == [4, 1, 2, 3]  # best first; box 0 overlaps box 1 by IoU 0.68,
+    # box 4 overlaps boxes 0 and 1 by IoU 0.4 and 0.35
+    # 'min': intersection over the smaller box (+1 areas): box 4 lies inside box 1
+    assert common._nms(boxes, scores, groups, 0.7, mode="min").tolist() == [4, 2, 3]
+    tv = pytest.importorskip("torchvision")
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 80, (300, 2)).astype(np.float32)
+    many = np.concatenate([xy, xy + rng.uniform(5, 30, (300, 2)).astype(np.float32)], axis=1)
+    s = rng.random(300).astype(np.float32)
+    expected = tv.ops.nms(torch.from_numpy(many), torch.from_numpy(s), 0.5).numpy()
+    np.testing.assert_array_equal(common._nms(many, s, np.zeros(300, int), 0.5), expected)
+
+
+def test_detector_needs_its_models(tmp_path):
+    with pytest.raises(FileNotFoundError, match="export.py --detector"):
+        FaceDetector(model_dir=tmp_path)
+    assert (MTCNN_DIR / "LICENSE").read_text().startswith("MIT License")
 
 
 def sample_faces(count_per_source=2, seed=0):
@@ -152,6 +231,127 @@ def test_no_face_and_several_faces(detector):
     assert crop0.shape == crop1.shape == (32, 32, 3)
 
 
+@needs_facenet
+def test_shipped_nets_are_facenet_pytorchs():
+    """models/mtcnn/*.onnx (export.py --detector) compute what facenet-pytorch's nets do."""
+    import torch
+    from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+
+    detector = FaceDetector()
+    gen = torch.Generator().manual_seed(0)
+    for session, net, shape in [(detector.pnet, PNet(), (2, 3, 45, 31)),
+                                (detector.rnet, RNet(), (3, 3, 24, 24)),
+                                (detector.onet, ONet(), (3, 3, 48, 48))]:  # fmt: skip
+        x = torch.rand(shape, generator=gen) * 2 - 1
+        with torch.inference_mode():
+            expected = net.eval()(x)
+        for got, want in zip(session.run(None, {"input": x.numpy()}), expected):
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+
+
+def square_iou(a, b):
+    (ax, ay, s), (bx, by, t) = a, b
+    w = max(0.0, min(ax + s, bx + t) - max(ax, bx))
+    h = max(0.0, min(ay + s, by + t) - max(ay, by))
+    return w * h / (s * s + t * t - w * h)
+
+
+@needs_shared
+@needs_facenet
+def test_cascade_finds_what_facenet_pytorch_finds():
+    """Every pyramid scale (min_face_share 0): the same boxes, scores and landmarks as
+    facenet-pytorch's MTCNN.detect to a hundredth of a pixel. Default settings (the finest
+    scales skipped): a face in the same photos, and the framing square (face_square from the landmarks,
+    the crop every stage makes) with a median IoU >= 0.99 against facenet-pytorch's."""
+    from facenet_pytorch import MTCNN
+
+    reference = MTCNN(keep_all=True, select_largest=True, device="cpu")
+    exact = FaceDetector(min_face_share=0.0, max_side=None)
+    default = FaceDetector()
+    ious = []
+    for _, path in sample_faces(1, seed=5):
+        rgb = decode_image(path)
+        boxes, scores, points = reference.detect(rgb, landmarks=True)
+        if boxes is None:  # facenet-pytorch's "no face"
+            boxes, scores, points = np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
+        boxes, scores, points = (np.asarray(v, np.float64) for v in (boxes, scores, points))
+        found, marks, _ = exact.detect(rgb[None])
+        order = np.argsort(-(found[:, 2] - found[:, 0]) * (found[:, 3] - found[:, 1]))
+        assert len(found) == len(boxes), path
+        np.testing.assert_allclose(found[order, :4], boxes, atol=0.01, err_msg=str(path))
+        np.testing.assert_allclose(found[order, 4], scores, atol=1e-4)
+        np.testing.assert_allclose(marks[order], points, atol=0.01)
+        faces = default(rgb)  # may miss faces under FACE_MIN_SHARE of the photo: not the main one
+        assert bool(faces) == bool((scores >= common.FACE_MIN_SCORE).any()), path
+        if not faces:
+            continue
+        h, w = rgb.shape[:2]
+        largest = points[np.argmax([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes])]
+        ious.append(
+            square_iou(face_square(faces[0]["landmarks"], w, h), face_square(largest, w, h))
+        )
+    assert np.median(ious) >= 0.99, ious
+
+
+TORCH_FREE = """
+import json, sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import common
+import prepare_data
+photo, out = (sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 else (None, None)
+rgb = common.decode_image(photo) if photo else np.full((200, 300, 3), 128, np.uint8)
+detector = common.FaceDetector()
+faces = detector(rgb)
+inputs = common.face_inputs(rgb, 32, detector) + common.face_inputs(rgb, 32)
+batch = common.to_model_array(np.stack([image for _, image in inputs]))
+assert batch.shape[1:] == (3, 32, 32) and batch.dtype == np.float32
+info = prepare_data.process_one((0, photo, out + "/{sha}.png", 40, "mtcnn"))[1] if photo else {}
+print(json.dumps({"faces": len(faces), "inputs": len(inputs), "reason": info.get("reason"),
+                  "found": info.get("faces")}))
+"""
+
+
+def test_face_path_runs_without_torch(tmp_path):
+    """common's face finding, framing and model input, and prepare_data.py's worker, with torch
+    made unimportable (as on a device with requirements-infer.txt)."""
+    import json
+
+    args = [sys.executable, "-c", TORCH_FREE, str(ROOT)]
+    picks = sample_faces(1, seed=2)[:1] if SHARED.is_dir() else []
+    if picks:
+        args += [str(picks[0][1]), str(tmp_path)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    if picks:  # a real face: found, framed, and stored by prepare_data's worker
+        assert result["faces"] >= 1 and result["inputs"] == result["faces"] + 1
+        assert result["reason"] is None and result["found"] == result["faces"]
+        assert len(list(tmp_path.glob("*.png"))) == 1
+    else:
+        assert (result["faces"], result["inputs"]) == (0, 1)
+
+
+@needs_shared
+def test_batch_is_the_same_as_one_by_one():
+    """batch() of photos of one size finds what __call__ finds in each (the nets run batched)."""
+    files = sorted(find_images(SHARED / "real" / "ffhq_128"))[:3]
+    if len(files) < 3:
+        pytest.skip("real/ffhq_128 holds fewer than 3 photos of one size")
+    photos = np.stack([decode_image(f) for f in files])
+    photos[2] = np.asarray(synthetic_image("real", 1, 128))  # and one without a face
+    detector = FaceDetector()
+    together = detector.batch(photos)
+    assert len(together[2]) == 0 and all(together[:2])
+    for photo, faces in zip(photos, together):
+        alone = detector(photo)
+        assert len(alone) == len(faces)
+        for a, b in zip(alone, faces):
+            np.testing.assert_allclose(a["box"], b["box"], atol=1e-3)
+            np.testing.assert_allclose(a["landmarks"], b["landmarks"], atol=1e-3)
+
+
 @needs_shared
 def test_prepare_records_faces_in_the_manifest(tmp_path):
     """prepare_data.py with MTCNN: box, landmarks, score and crop side per row; a photo with no
@@ -195,6 +395,7 @@ def test_prepare_records_faces_in_the_manifest(tmp_path):
 def test_infer_rows_per_face_and_no_face(tmp_path, tiny_runs, capsys):
     """A model trained on MTCNN-framed faces: infer.py writes one row per face (largest first),
     a no_face row for a photo without one, an unreadable row for a corrupt file, exit 0."""
+    torch = pytest.importorskip("torch")
     import infer
     from model import load_checkpoint
 
@@ -222,7 +423,7 @@ def test_infer_rows_per_face_and_no_face(tmp_path, tiny_runs, capsys):
     assert rc == 0, err
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in photos.iterdir()} == before
     assert sorted(p.name for p in (saved / "photos").iterdir()) == [
-        "huge.jpg.jpg", "landscape.png.jpg", "two.jpg.jpg"
+        "huge.jpg", "landscape.png.jpg", "two.jpg"
     ]  # fmt: skip
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
