@@ -1,29 +1,23 @@
-"""Evaluate a trained FaceCheckNet on one split of a prepared dataset, or compare runs.
+"""Evaluate a trained FaceCheckNet on one split of a prepared dataset.
 
     python evaluate.py --split test                     # best run under runs/, on its own data
     python evaluate.py --checkpoint runs/exp-a --robustness --heatmaps 8
-    python evaluate.py --compare runs/                  # ablation table of every run in runs/
-    python evaluate.py --compare results/attention-v2/runs.json   # the same from recorded runs
 
-A single evaluation writes metrics.json, predictions.csv, confusion_matrix.png, roc.png,
-per_source.png and calibration.png (plus robustness.png / heatmaps.png when asked) to
-RUN/eval-<split>/.
+Writes metrics.json, predictions.csv, confusion_matrix.png, roc.png, per_source.png,
+calibration.png, face_size.png, size_sharpness.png and demographics.png (plus robustness.png /
+heatmaps.png when asked) to RUN/eval-<split>/.
 "fake" is the positive class. Predictions use the decision threshold stored in the
 checkpoint (chosen on validation, never on the split evaluated); accuracy at 0.5 is shown
-for reference. The per-source table is the shortcut audit: a model that keys on a source's
-framing or codec instead of generator traces shows up as one source far below the others.
-
---compare evaluates every run on validation and test and writes compare.json and
-compare.md: per-run records, mean +- std per arm (attention on / off; overall and each
-source's accuracy), McNemar's exact test on the paired validation and test predictions of runs
-with the same seed, and the verdict by the README's rule (validation decides; --lofo ON.json
-OFF.json adds its leave-one-out part).
+for reference. The shortcut audits: the per-source table (a model that keys on a source's
+framing or codec instead of generator traces shows up as one source far below the others);
+real faces called real per demographic group where the file names say who is in the photo
+(demographics.py), the gap between the best and the worst group beside the accuracy; and
+prob_fake against the face's native size and its sharpness within each class.
+Several runs side by side (mean +- std per arm, McNemar, the attention verdict):
+experiments/compare.py.
 """
 
 import argparse
-import csv
-import gzip
-import hashlib
 import json
 import math
 import sys
@@ -48,7 +42,8 @@ from common import (
     to_model_input,
     write_csv,
 )
-from model import CheckpointError, count_flops, count_parameters, load_checkpoint, predict
+from demographics import MIN_GROUP, called_real_by_group
+from model import CheckpointError, load_checkpoint, predict
 
 
 def parse_args(argv=None):
@@ -77,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--out",
         default=None,
-        help="output folder (default RUN/eval-<split>/; with --compare runs/compare/)",
+        help="output folder (default RUN/eval-<split>/)",
     )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the JSON report here")
     p.add_argument(
@@ -97,27 +92,18 @@ def parse_args(argv=None):
         "and 1.25x wider from its stored crop (robustness.png)",
     )
     p.add_argument(
+        "--min-group",
+        type=int,
+        default=MIN_GROUP,
+        metavar="N",
+        help=f"faces a demographic group needs to count towards the gap (default {MIN_GROUP})",
+    )
+    p.add_argument(
         "--heatmaps",
         type=int,
         default=0,
         metavar="N",
         help="grid of N images with attention and Grad-CAM overlays (default 0 = none)",
-    )
-    p.add_argument(
-        "--compare",
-        nargs="+",
-        default=None,
-        metavar="RUN",
-        help="compare runs: run folders, .pt files, folders holding run folders, or "
-        "experiments/run_record.py's JSON of recorded runs (uses val and test; --split is ignored)",
-    )
-    p.add_argument(
-        "--lofo",
-        nargs=2,
-        default=None,
-        metavar=("ON_JSON", "OFF_JSON"),
-        help="with --compare: experiments/lofo.py's results of the attention-on and -off arms, "
-        "for the leave-one-out part of the verdict rule",
     )
     return p.parse_args(argv)
 
@@ -216,34 +202,49 @@ def per_source_table(rows, prob, threshold):
     return table
 
 
-def crop_size_check(rows, prob, labels):
-    """Does the face's native size (its crop side in source pixels) tell the classes apart, and
-    does the model follow it? ROC-AUC of the side alone as a fake score (0.5: no signal), and
-    the Spearman correlation of prob_fake with the side within each class (near 0: the model
-    does not score big faces as more fake)."""
+def sharpness(images, batch_size=256):
+    """Variance of the Laplacian of each image's grey version (uint8 N x 3 x H x W; 0-255
+    scale, OpenCV's 3x3 kernel): the usual focus measure. A small face upscaled to the input
+    scores low, a large sharp one high."""
+    kernel = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    out = []
+    for i in range(0, len(images), batch_size):
+        grey = (images[i : i + batch_size].float() * luma).sum(1, keepdim=True)
+        out.append(F.conv2d(grey, kernel).flatten(1).var(1, correction=0))
+    return torch.cat(out).numpy()
+
+
+def shortcut_check(measure, labels, prob, threshold, n_bins=5):
+    """Does a property of the photo (the face's native size, its sharpness) tell the classes
+    apart, and does the model follow it? ROC-AUC of the measure alone as a fake score (0.5: no
+    signal); the Spearman correlation of prob_fake with it within each class (near 0: the
+    score does not follow it); and per bin of the measure (quantiles over both classes, the
+    same edges for both) each class's n, mean prob_fake and share called fake."""
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
 
-    if not rows or not rows[0].get("crop_side"):
-        return None
-    sides = np.array([float(r["crop_side"]) * VIEW for r in rows])
-    labels, prob = np.asarray(labels), np.asarray(prob, dtype=float)
-    out = {
-        "side_alone_roc_auc": float(roc_auc_score(labels, sides)) if len(set(labels)) > 1 else None
-    }
+    measure, labels = np.asarray(measure, dtype=float), np.asarray(labels)
+    prob = np.asarray(prob, dtype=float)
+    both = len(set(labels.tolist())) > 1
+    out = {"alone_roc_auc": float(roc_auc_score(labels, measure)) if both else None}
+    out["spearman"] = {}
     for k, name in enumerate(CLASS_NAMES):
         m = labels == k
-        varies = m.sum() > 2 and np.ptp(sides[m]) > 0 and np.ptp(prob[m]) > 0
-        rho = spearmanr(sides[m], prob[m]).statistic if varies else float("nan")
-        out[f"{name}_spearman_prob_vs_side"] = None if np.isnan(rho) else float(rho)
+        varies = m.sum() > 2 and np.ptp(measure[m]) > 0 and np.ptp(prob[m]) > 0
+        out["spearman"][name] = float(spearmanr(measure[m], prob[m]).statistic) if varies else None
+    edges = np.unique(np.quantile(measure, np.linspace(0, 1, n_bins + 1)))
+    which = np.digitize(measure, edges[1:-1])  # a value on an inner edge joins the upper bin
+    out["bins"] = []
+    for b in range(max(len(edges) - 1, 1)):
+        row = {"low": float(edges[b]), "high": float(edges[min(b + 1, len(edges) - 1)])}
+        for k, name in enumerate(CLASS_NAMES):
+            m = (which == b) & (labels == k)
+            row[name] = {"n": int(m.sum()),
+                         "mean_prob_fake": float(prob[m].mean()) if m.any() else None,
+                         "called_fake": float((prob[m] >= threshold).mean()) if m.any() else None}  # fmt: skip
+        out["bins"].append(row)
     return out
-
-
-def mcnemar_exact(b, c):
-    """Exact two-sided McNemar p-value: under H0 the b + c discordant pairs split 50/50."""
-    from scipy.stats import binomtest
-
-    return 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
 
 
 FRAMINGS = (0.8, 1.25)  # the same face framed 0.8x (tighter) and 1.25x (wider) from its crop
@@ -402,6 +403,52 @@ def plot_face_size(rows, prob, threshold, path):
     save_figure(fig, path)
 
 
+def plot_demographics(d, path):
+    """Share of real faces called real per group; groups too small for the gap drawn pale."""
+    from matplotlib.colors import to_rgba
+
+    groups = d["groups"]
+    fig, ax = _plt().subplots(figsize=(6, 0.4 * len(groups) + 1.4))
+    colors = {"race": "tab:purple", "gender": "tab:green", "age": "tab:orange"}
+    ax.barh([f"{g['attribute']} {g['group']} (n={g['n']})" for g in groups],
+            [g["called_real"] for g in groups],
+            color=[to_rgba(colors[g["attribute"]], 1.0 if g["n"] >= d["min_n"] else 0.35)
+                   for g in groups])  # fmt: skip
+    ax.invert_yaxis()
+    gap = "n/a" if d["gap"] is None else f"{100 * d['gap']['gap']:.1f} points"
+    ax.set(xlim=(0, 1), xlabel="real faces called real (at the threshold)",
+           title=f"real faces called real per group\ngap {gap} over groups of >= {d['min_n']}")  # fmt: skip
+    save_figure(fig, path)
+
+
+def plot_size_sharpness(checks, threshold, path):
+    """Mean prob_fake per bin of the face's native size and of its sharpness, each class: a
+    model that reads the resolution or the sharpness back out of the pixels shows a slope."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    panels = [(name, c) for name, c in checks.items() if c is not None]
+    fig, axes = _plt().subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (name, c) in zip(axes[0], panels):
+        centre = [np.sqrt(max(b["low"], 1e-6) * max(b["high"], 1e-6)) for b in c["bins"]]
+        for k, color in zip(CLASS_NAMES, ("tab:blue", "tab:red")):
+            pts = [(x, b[k]["mean_prob_fake"]) for x, b in zip(centre, c["bins"]) if b[k]["n"]]
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=color,
+                        label=f"{k} (Spearman {fmt(c['spearman'][k], 2)})")  # fmt: skip
+        ax.axhline(threshold, color="k", lw=0.8, ls="--")
+        xlabel = "face size (model view side, source px)" if name == "face_px" else (
+            "sharpness (variance of the Laplacian)")  # fmt: skip
+        # Sharpness spans two decades; face sizes of a split, well under one.
+        ax.set(xscale="log" if name == "sharpness" else "linear", ylim=(0, 1), xlabel=xlabel,
+               ylabel="mean prob_fake per bin",
+               title=f"alone: ROC-AUC {fmt(c['alone_roc_auc'], 2)}")  # fmt: skip
+        if name == "sharpness":
+            ax.xaxis.set_major_formatter(ScalarFormatter())  # plain numbers on the log axis
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
 def plot_robustness(results, path):
     fig, ax = _plt().subplots(figsize=(7, 3.5))
     x = np.arange(len(results))
@@ -500,290 +547,7 @@ def check_manifest(ckpt, data_dir):
     return True
 
 
-def expand_runs(paths):
-    """Run folders, .pt files, folders of run folders and recorded runs' .json files -> a list
-    of .pt and .json paths."""
-    found = []
-    for p in map(Path, paths):
-        if p.is_file():
-            found.append(p)
-        elif (p / "best.pt").is_file():
-            found.append(p / "best.pt")
-        elif p.is_dir() and list(p.glob("*/best.pt")):
-            found += sorted(p.glob("*/best.pt"))
-        else:
-            sys.exit(f"error: {p}: no best.pt there or in its sub-folders")
-    return found
-
-
-def run_facts(model, ckpt, run_dir):
-    """What a run is and what it cost, from its checkpoint and history.csv: the rows of the
-    --compare table, and experiments/run_record.py's records."""
-    history = Path(run_dir) / "history.csv"
-    epochs = list(csv.DictReader(history.read_text().splitlines())) if history.is_file() else None
-    attention = bool(ckpt["config"]["attention"])
-    return {
-        "run": str(run_dir),
-        "attention": "on" if attention else "off",
-        "attention_stage": ckpt["config"].get("attention_stage", 2) if attention else None,
-        "seed": ckpt.get("train_args", {}).get("seed"),
-        "params": ckpt.get("params") or count_parameters(model),
-        "flops": ckpt.get("flops") or count_flops(model),
-        "epochs": len(epochs) if epochs else None,
-        "best_epoch": ckpt["epoch"],
-        # The cost of the whole schedule (every epoch ran, whichever one was kept): best.pt
-        # holds only the time up to its own epoch, kept as seconds_to_best.
-        "train_seconds": sum(float(e["seconds"]) for e in epochs) if epochs else None,
-        "seconds_to_best": ckpt.get("train_seconds"),
-        "threshold": ckpt["threshold"],
-    }
-
-
-def run_outputs(path, data=None, device=None, batch_size=256, cache=None):
-    """A run's logits on val and test -> (facts, outputs): what --compare scores, and what
-    experiments/run_record.py keeps in results/ so a comparison survives a machine without
-    runs/. outputs: {split: {"files", "labels", "logits"}}, files relative to the dataset."""
-    device = device or torch.device("cpu")
-    cache = {} if cache is None else cache
-    model, ckpt, path = open_checkpoint(path)
-    data_dir = resolve_data(ckpt, data)
-    check_manifest(ckpt, data_dir)
-    facts = {**run_facts(model, ckpt, path.parent), "data": str(data_dir)}
-    facts |= {"manifest_sha256": manifest_hash(data_dir), "image_size": ckpt["image_size"]}
-    outputs = {}
-    for split in ("val", "test"):
-        key = (facts["manifest_sha256"], split, ckpt["image_size"])
-        if key not in cache:
-            cache[key] = load_split(data_dir, split, model_size=ckpt["image_size"])
-        images, labels, rows = cache[key]
-        _, logits = predict(model.to(device), images, device, batch_size)
-        files = [r["path"] for r in rows]
-        outputs[split] = {"files": files, "labels": labels, "logits": logits}
-    return facts, outputs
-
-
-def save_outputs(path, outputs):
-    """run_outputs' logits as a gzipped CSV (split, file, label, logit_real, logit_fake);
-    9 significant digits give back the float32 logits exactly."""
-
-    def write(tmp):
-        with gzip.open(tmp, "wt", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["split", "file", "label", "logit_real", "logit_fake"])
-            for split, o in outputs.items():
-                for name, label, (real, fake) in zip(
-                    o["files"], o["labels"].tolist(), o["logits"].tolist(), strict=True
-                ):
-                    w.writerow([split, name, CLASS_NAMES[label], f"{real:.9g}", f"{fake:.9g}"])
-
-    atomic_write(path, write)
-
-
-def load_outputs(path):
-    """save_outputs' file -> outputs as run_outputs returns them."""
-    outputs = {}
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                o = outputs.setdefault(row["split"], {"files": [], "labels": [], "logits": []})
-                o["files"].append(row["file"])
-                o["labels"].append(CLASS_NAMES.index(row["label"]))
-                o["logits"].append([float(row["logit_real"]), float(row["logit_fake"])])
-    except (OSError, EOFError, KeyError, ValueError) as exc:
-        sys.exit(f"error: {path}: not a predictions file of experiments/run_record.py ({exc})")
-    for o in outputs.values():
-        o["labels"] = torch.tensor(o["labels"])
-        o["logits"] = torch.tensor(o["logits"], dtype=torch.float32)
-    return outputs
-
-
-def recorded_runs(path):
-    """experiments/run_record.py's JSON of runs -> [(facts, outputs)]: each record with its
-    predictions file, which lies beside the JSON."""
-    try:
-        records = json.loads(Path(path).read_text())
-        missing = [name for name, r in records.items() if "predictions" not in r]
-    except (OSError, ValueError, AttributeError, TypeError) as exc:
-        sys.exit(f"error: {path}: not a JSON of experiments/run_record.py records ({exc})")
-    if missing:
-        sys.exit(f"error: {path}: {', '.join(missing)} recorded without predictions; "
-                 "record them again from their run folders (experiments/run_record.py)")  # fmt: skip
-    return [(r, load_outputs(Path(path).parent / r["predictions"])) for r in records.values()]
-
-
-def score_run(facts, outputs):
-    """One run's figures on each split and, for McNemar, which images it got right."""
-    record, right = dict(facts), {}
-    for split, o in outputs.items():
-        labels, logits = o["labels"], o["logits"]
-        prob = logits.softmax(1)[:, 1]
-        m = compute_metrics(labels, prob, facts["threshold"])
-        record[f"{split}_loss"] = F.cross_entropy(logits, labels).item()
-        record[f"{split}_accuracy"] = m["accuracy"]
-        record[f"{split}_f1"] = m["macro"]["f1"]
-        record[f"{split}_auc"] = m["roc_auc"]
-        # The shortcut audit of evaluate_split, per run: prepare_data.py stores each crop as
-        # images/<source>/<sha>.png, so a recorded run (names and logits) still has its sources.
-        rows = [{"source": Path(f).parent.name, "label": CLASS_NAMES[y]}
-                for f, y in zip(o["files"], labels.tolist(), strict=True)]  # fmt: skip
-        sources = per_source_table(rows, prob, facts["threshold"])
-        record[f"{split}_per_source"] = {s.pop("source"): s for s in sources}
-        # The images' identity: the same faces (the stored crops are named by their original's
-        # hash) in the same order, at the same input size, pair two runs. Not the manifest's
-        # hash: a dataset prepared again on another machine has the same faces and splits but
-        # another one (MTCNN's last digits), and each session may start on a fresh machine.
-        faces = hashlib.sha256("\n".join(o["files"]).encode()).hexdigest()
-        key = (faces, split, facts["image_size"])
-        right[split] = (key, ((prob >= facts["threshold"]).long() == labels).numpy())
-    return record, right
-
-
-def mean_std(values):
-    """{"mean", "std"}: the sample std (ddof 1); none from a single run."""
-    v = np.asarray(values, dtype=float)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None}
-
-
-def compare_runs(paths, data=None, device=None, batch_size=256, lofo=None):
-    """Evaluate runs on val and test -> {"runs", "arms", "mcnemar": {"val", "test"}, "verdict"};
-    paths: run folders, .pt files, folders of run folders, or run_record.py's JSON files;
-    lofo: {"on": [...], "off": [...]}, experiments/lofo.py's runs of each arm, for the rule."""
-    cache, scored = {}, []
-    for path in tqdm(expand_runs(paths), desc="runs", leave=False):
-        if path.suffix == ".json":
-            scored += [score_run(f, o) for f, o in recorded_runs(path)]
-        else:
-            scored.append(score_run(*run_outputs(path, data, device, batch_size, cache)))
-    records, correct = [r for r, _ in scored], [c for _, c in scored]
-
-    arms = {}
-    for arm in ("off", "on"):
-        rs = [r for r in records if r["attention"] == arm]
-        if not rs:
-            continue
-        arms[arm] = {"n_runs": len(rs), "seeds": [r["seed"] for r in rs]}
-        arms[arm].update(params=rs[0]["params"], flops=rs[0]["flops"])
-        for k in ("val_loss", "val_accuracy", "val_f1", "test_accuracy", "test_f1", "test_auc"):
-            v = np.array([r[k] for r in rs if r[k] is not None], dtype=float)
-            if len(v):
-                arms[arm][k] = mean_std(v)
-        # The shortcut audit across seeds: each source's accuracy, mean +- std over the runs
-        # (the sources every run of the arm was scored on).
-        for split in ("val", "test"):
-            per_run = [r[f"{split}_per_source"] for r in rs]
-            arms[arm][f"{split}_per_source"] = {
-                name: {"label": s["label"], "n": s["n"],
-                       **mean_std([p[name]["accuracy"] for p in per_run])}
-                for name, s in per_run[0].items() if all(name in p for p in per_run)
-            }  # fmt: skip
-
-    # Pair each "on" run with an unused "off" run of the same seed and the same images.
-    matched, free = [], [j for j, r in enumerate(records) if r["attention"] == "off"]
-    for i, on in enumerate(records):
-        same = [j for j in free if records[j]["seed"] == on["seed"] and
-                all(correct[j][s][0] == correct[i][s][0] for s in ("val", "test"))]  # fmt: skip
-        if on["attention"] == "on" and same:
-            free.remove(same[0])
-            matched.append((i, same[0]))
-    mcnemar = {
-        "test": "exact two-sided McNemar: scipy.stats.binomtest(b, b + c, 0.5); b = images only "
-        "the attention-on run gets right, c = only the attention-off run; the rule reads val",
-    }
-    for split in ("val", "test"):
-        pairs = []
-        for i, j in matched:
-            a, o = correct[i][split][1], correct[j][split][1]
-            b, c = int((a & ~o).sum()), int((~a & o).sum())
-            pairs.append({"seed": records[i]["seed"], "on": records[i]["run"],
-                          "off": records[j]["run"], "n": len(a), "b": b, "c": c,
-                          "p_value": mcnemar_exact(b, c)})  # fmt: skip
-        b, c = sum(p["b"] for p in pairs), sum(p["c"] for p in pairs)
-        # The pooled count reuses the same images for every seed: not independent trials,
-        # so its p-value is indicative only.
-        pooled = {"b": b, "c": c, "p_value": mcnemar_exact(b, c)} if pairs else None
-        mcnemar[split] = {"pairs": pairs, "pooled": pooled}
-    result = {"runs": records, "arms": arms, "mcnemar": mcnemar}
-    if lofo:
-        result["lofo"] = lofo_comparison(lofo["on"], lofo["off"])
-    return {**result, "verdict": verdict(result)}
-
-
-def lofo_comparison(on_runs, off_runs):
-    """Leave-one-source-out accuracy of both arms on the sources both held out."""
-    on = {r["held_out"]: r for r in on_runs}
-    off = {r["held_out"]: r for r in off_runs}
-    common = sorted(set(on) & set(off))
-    if not common:
-        return None
-    real = [s for s in common if off[s]["label"] == "real"]
-    acc = lambda runs, names: [runs[s]["unseen_accuracy"] for s in names]  # noqa: E731
-    return {
-        "sources": {
-            s: {
-                "on": on[s]["unseen_accuracy"],
-                "off": off[s]["unseen_accuracy"],
-                "label": off[s]["label"],
-            }
-            for s in common
-        },  # fmt: skip
-        "mean_on": float(np.mean(acc(on, common))),
-        "mean_off": float(np.mean(acc(off, common))),
-        "worst_real_on": min(acc(on, real)) if real else None,
-        "worst_real_off": min(acc(off, real)) if real else None,
-    }
-
-
-def verdict(result):
-    """The attention question's answer by the rule written in the README before the data-v2
-    runs. Attention ships only if (A) its mean validation accuracy is >= 1.0 point above the
-    plain model's, it is ahead in at least two thirds of the seed pairs, and the pooled exact
-    McNemar test on validation gives p < 0.05 in its favour; or (B) the validation gap is within
-    +-0.5 points and its mean leave-one-source-out accuracy is >= 5 points higher; and in both
-    cases (C) leave-one-out does not get worse: mean held-out accuracy and worst held-out real
-    source each within 2 points of the plain model's or better. Anything less: attention off."""
-    arms, mc, lofo = result["arms"], result["mcnemar"]["val"], result.get("lofo")
-    if "on" not in arms or "off" not in arms or not mc["pooled"]:
-        return "undecided: needs runs of both arms with matching seeds"
-    gap = arms["on"]["val_accuracy"]["mean"] - arms["off"]["val_accuracy"]["mean"]
-    ahead = sum(p["b"] > p["c"] for p in mc["pairs"])
-    pooled = mc["pooled"]
-    facts = (
-        f"mean val accuracy on {arms['on']['val_accuracy']['mean']:.4f} vs off "
-        f"{arms['off']['val_accuracy']['mean']:.4f} (gap {100 * gap:+.2f} points, on ahead in "
-        f"{ahead} of {len(mc['pairs'])} seed pairs); pooled val McNemar b={pooled['b']} "
-        f"c={pooled['c']} p={pooled['p_value']:.3g}"
-    )
-    route_a = (
-        gap >= 0.01
-        and ahead >= 2 * len(mc["pairs"]) / 3
-        and pooled["p_value"] < 0.05
-        and pooled["b"] > pooled["c"]
-    )
-    if lofo is None:
-        if route_a:
-            return f"undecided: attention leads on validation ({facts}); needs leave-one-out (C)"
-        return (
-            f"no measurable gain from attention on validation: {facts}; the simpler model "
-            "(attention off) ships unless leave-one-out shows route B"
-        )
-    lofo_gain = lofo["mean_on"] - lofo["mean_off"]
-    worst_ok = lofo["worst_real_on"] is None or (
-        lofo["worst_real_on"] >= lofo["worst_real_off"] - 0.02
-    )
-    no_worse = lofo_gain >= -0.02 and worst_ok
-    route_b = abs(gap) <= 0.005 and lofo_gain >= 0.05
-    facts += (
-        f"; leave-one-out mean on {lofo['mean_on']:.3f} vs off {lofo['mean_off']:.3f} over "
-        f"{len(lofo['sources'])} sources"
-    )
-    if lofo["worst_real_on"] is not None:
-        facts += f", worst real on {lofo['worst_real_on']:.3f} vs off {lofo['worst_real_off']:.3f}"
-    if (route_a or route_b) and no_worse:
-        return f"attention helps: {facts}; the attention model ships"
-    return f"no gain that pays for the layer: {facts}; the simpler model (attention off) ships"
-
-
-def _f(x, digits=4):
+def fmt(x, digits=4):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
@@ -791,54 +555,6 @@ def table(header, rows):
     """A markdown table: readable in a terminal, pastes into the README as is."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def compare_markdown(result):
-    header = ["run", "attention", "seed", "params", "MFLOPs", "epochs (best)", "train min"]
-    header += ["val loss", "val acc", "test acc", "test F1", "test AUC"]
-    rows = []
-    for r in result["runs"]:
-        minutes = "n/a" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.0f}"
-        arm = "off" if r["attention"] == "off" else f"on (stage {r['attention_stage']})"
-        cells = [Path(r["run"]).name, arm, r["seed"], f"{r['params']:,}"]
-        cells += [f"{r['flops'] / 1e6:.0f}", f"{r['epochs']} ({r['best_epoch']})", minutes]
-        keys = ("val_loss", "val_accuracy", "test_accuracy", "test_f1", "test_auc")
-        rows.append(cells + [_f(r[k]) for k in keys])
-    text = table(header, rows)
-    if any(a["n_runs"] > 1 for a in result["arms"].values()):
-        keys = ("val_loss", "val_accuracy", "test_accuracy", "test_f1", "test_auc")
-        rows = [
-            [arm, a["n_runs"]]
-            + [f"{_f(a[k]['mean'])} ± {_f(a[k]['std'])}" if k in a else "n/a" for k in keys]
-            for arm, a in result["arms"].items()
-        ]
-        text += "\n\nmean ± std per arm\n\n" + table(["attention", "runs", *keys], rows)
-    for split in ("val", "test"):
-        mc = result["mcnemar"][split]
-        if not mc["pairs"]:
-            continue
-        rows = [[p["seed"], p["n"], p["b"], p["c"], f"{p['p_value']:.4g}"] for p in mc["pairs"]]
-        rows.append(
-            ["pooled", "", mc["pooled"]["b"], mc["pooled"]["c"], f"{mc['pooled']['p_value']:.4g}"]
-        )
-        text += f"\n\nMcNemar exact test, {split} split (b: only attention on right, c: only off)"
-        text += "\n\n" + table(["seed", "n", "b", "c", "p"], rows)
-    if {"on", "off"} <= set(result["arms"]):
-        for split in ("val", "test"):
-            on, off = (result["arms"][a][f"{split}_per_source"] for a in ("on", "off"))
-            rows = [[name, s["label"], s["n"], _f(off[name]["mean"], 3), _f(s["mean"], 3),
-                     f"{100 * (s['mean'] - off[name]['mean']):+.1f}"]
-                    for name, s in on.items() if name in off]  # fmt: skip
-            text += f"\n\nAccuracy per source, {split} split, mean over each arm's runs\n\n"
-            text += table(["source", "class", "n", "off", "on", "on - off (points)"], rows)
-    if lofo := result.get("lofo"):
-        rows = [[s, v["label"], _f(v["off"], 3), _f(v["on"], 3), f"{100 * (v['on'] - v['off']):+.1f}"]
-                for s, v in lofo["sources"].items()]  # fmt: skip
-        rows.append(["mean", "", _f(lofo["mean_off"], 3), _f(lofo["mean_on"], 3),
-                     f"{100 * (lofo['mean_on'] - lofo['mean_off']):+.1f}"])  # fmt: skip
-        text += "\n\nLeave one source out, accuracy on the held-out source\n\n"
-        text += table(["held-out source", "class", "off", "on", "on - off (points)"], rows)
-    return text
 
 
 def write_json(path, obj):
@@ -851,32 +567,76 @@ def print_report(m, sources):
     print(
         f"threshold {m['threshold']:.4f} (stored in the checkpoint; train.py picks it on validation); "
         f"fake is the positive class\naccuracy {m['accuracy']:.4f} (at 0.5: {m['accuracy_at_0.5']:.4f}), "
-        f"balanced accuracy {m['balanced_accuracy']:.4f}, ROC-AUC {_f(m['roc_auc'])}, "
-        f"average precision {_f(m['average_precision'])}\nTPR at 1% FPR {_f(m['tpr_at_fpr_1pct'])}, "
-        f"at 5% FPR {_f(m['tpr_at_fpr_5pct'])}\nBrier score {m['brier']:.4f}, expected "
-        f"calibration error {m['calibration']['expected_calibration_error']:.4f} (calibration.png)\n"
+        f"balanced accuracy {m['balanced_accuracy']:.4f}, ROC-AUC {fmt(m['roc_auc'])}, "
+        f"average precision {fmt(m['average_precision'])}\nTPR at 1% FPR {fmt(m['tpr_at_fpr_1pct'])}, "
+        f"at 5% FPR {fmt(m['tpr_at_fpr_5pct'])}\nBrier score {m['brier']:.4f}, expected "
+        f"calibration error {m['calibration']['expected_calibration_error']:.4f} (calibration.png)"
     )
+    print(demographic_headline(m["demographics"]) + "\n")
     classes = [*m["per_class"].items(), ("macro", {**m["macro"], "support": m["n"]})]
     rows = [
-        [n, *(_f(c[k]) for k in ("precision", "recall", "f1")), c["support"]] for n, c in classes
+        [n, *(fmt(c[k]) for k in ("precision", "recall", "f1")), c["support"]] for n, c in classes
     ]
     print(table(["class", "precision", "recall", "F1", "support"], rows) + "\n")
     cm = m["confusion_matrix"]["matrix"]
     rows = [[f"true {n}", *row] for n, row in zip(CLASS_NAMES, cm)]
     print(table(["", *(f"predicted {n}" for n in CLASS_NAMES)], rows) + "\n")
     rows = [
-        [s["source"], s["label"], s["n"], _f(s["accuracy"]), _f(s["mean_prob_fake"]),
-         _f(s.get("median_face_px"), 0), _f(s.get("spearman_prob_vs_face_px"), 2)]
+        [s["source"], s["label"], s["n"], fmt(s["accuracy"]), fmt(s["mean_prob_fake"]),
+         fmt(s.get("median_face_px"), 0), fmt(s.get("spearman_prob_vs_face_px"), 2)]
         for s in sources
     ]  # fmt: skip
     header = ["source", "label", "n", "accuracy", "mean prob_fake", "face px", "Spearman vs px"]
     print("per source (shortcut audit)\n\n" + table(header, rows))
-    if c := m.get("crop_size_shortcut"):
-        print(
-            f"\nface size shortcut: the crop side alone separates the classes with ROC-AUC "
-            f"{_f(c['side_alone_roc_auc'])}; Spearman of prob_fake with the side: real "
-            f"{_f(c['real_spearman_prob_vs_side'])}, fake {_f(c['fake_spearman_prob_vs_side'])}"
-        )
+    print_audits(m)
+
+
+def demographic_headline(d):
+    """The demographic audit in one line, for beside the accuracy."""
+    if d is None:
+        return "demographic gap: n/a (no real face of this split is labelled with who it shows)"
+    if d["gap"] is None:
+        return (f"demographic gap: n/a (fewer than two groups of >= {d['min_n']} labelled real "
+                f"faces; {d['n_labelled']} labelled)")  # fmt: skip
+    g = d["gap"]
+    return (f"demographic gap {100 * g['gap']:.1f} points in real faces called real: "
+            f"{g['best']} {g['best_called_real']:.3f}, {g['worst']} {g['worst_called_real']:.3f} "
+            f"(over {len(g['over'])} groups of >= {d['min_n']} faces; demographics.png)")  # fmt: skip
+
+
+def print_audits(m):
+    """Who gets called fake, and whether the score follows the face's size or sharpness."""
+    if d := m["demographics"]:
+        confident = d["unsure_band"] is not None
+        header = ["attribute", "group", "n", "sources", "called real"]
+        header += ["called fake confidently"] if confident else []
+        rows = []
+        for g in d["groups"]:
+            small = "" if g["n"] >= d["min_n"] else " (few)"
+            cells = [g["attribute"], g["group"], f"{g['n']}{small}",
+                     ", ".join(f"{k} {v}" for k, v in g["sources"].items()), fmt(g["called_real"], 3)]  # fmt: skip
+            rows.append(cells + ([fmt(g["called_fake_confidently"], 3)] if confident else []))
+        print(f"\nreal faces called real per group ({d['n_labelled']} labelled real faces; "
+              f"groups of < {d['min_n']} faces are marked (few) and left out of the gap)\n")  # fmt: skip
+        print(table(header, rows))
+        print(demographic_headline(d))
+    for name, c in m["size_and_sharpness"].items():
+        if c is None:
+            continue
+        unit = "face px" if name == "face_px" else "sharpness"
+        header = [f"{unit} bin"] + [f"{k} {col}" for k in CLASS_NAMES
+                                    for col in ("n", "mean prob_fake", "called fake")]  # fmt: skip
+        rows = [[f"{b['low']:.0f}-{b['high']:.0f}"] +
+                [x for k in CLASS_NAMES for x in (b[k]["n"], fmt(b[k]["mean_prob_fake"], 3),
+                                                  fmt(b[k]["called_fake"], 3))]
+                for b in c["bins"]]  # fmt: skip
+        what = ("the face's native size (model view side in source pixels)" if name == "face_px"
+                else "sharpness (variance of the Laplacian of the grey model input)")  # fmt: skip
+        print(f"\nprob_fake against {what} (size_sharpness.png)\n\n" + table(header, rows))
+        rho = c["spearman"]
+        print(f"Spearman of prob_fake with {unit}: real {fmt(rho['real'], 3)}, fake "
+              f"{fmt(rho['fake'], 3)}; {unit} alone separates the classes with ROC-AUC "
+              f"{fmt(c['alone_roc_auc'], 3)}")  # fmt: skip
 
 
 def evaluate_split(args, device):
@@ -893,7 +653,18 @@ def evaluate_split(args, device):
     prob, _ = predict(model.to(device), images, device, args.batch_size)
     metrics = compute_metrics(labels, prob, threshold)
     sources = per_source_table(rows, prob, threshold)
-    metrics["crop_size_shortcut"] = crop_size_check(rows, prob, labels)
+    # The audits that show a shortcut: who gets called fake, and whether large and sharp does.
+    groups = called_real_by_group(
+        rows, prob.numpy(), threshold, ckpt.get("unsure_band"), args.min_group
+    )
+    metrics["demographic_gap"] = groups["gap"]["gap"] if groups and groups["gap"] else None
+    metrics["demographics"] = groups
+    sides = [VIEW * float(r["crop_side"]) for r in rows] if rows[0].get("crop_side") else None
+    sharp = sharpness(images)
+    metrics["size_and_sharpness"] = {
+        "face_px": None if sides is None else shortcut_check(sides, labels, prob, threshold),
+        "sharpness": shortcut_check(sharp, labels, prob, threshold),
+    }
     attention = "on" if ckpt["config"]["attention"] else "off"
     print(
         f"{ckpt_path} (attention {attention}, epoch {ckpt['epoch']}) on {data_dir} {args.split}: "
@@ -925,10 +696,13 @@ def evaluate_split(args, device):
     if rows[0].get("crop_side"):
         plot_face_size(rows, prob.numpy(), threshold, out / "face_size.png")
     plot_calibration(metrics, out / "calibration.png")
+    if metrics["demographics"]:
+        plot_demographics(metrics["demographics"], out / "demographics.png")
+    plot_size_sharpness(metrics["size_and_sharpness"], threshold, out / "size_sharpness.png")
     if args.robustness:
         report["robustness"] = robustness(model, stored, labels, threshold, device, args.batch_size)
         cells = [
-            [r["condition"], _f(r["accuracy"]), _f(r["roc_auc"])] for r in report["robustness"]
+            [r["condition"], fmt(r["accuracy"]), fmt(r["roc_auc"])] for r in report["robustness"]
         ]
         print("\nrobustness\n\n" + table(["condition", "accuracy", "ROC-AUC"], cells))
         plot_robustness(report["robustness"], out / "robustness.png")
@@ -949,33 +723,7 @@ def evaluate_split(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
-    if not args.compare:
-        if args.lofo:
-            sys.exit(
-                "error: --lofo goes with --compare (the two arms' leave-one-out, side by side)"
-            )
-        return evaluate_split(args, device)
-    lofo = None
-    if args.lofo:
-        try:
-            on, off = (json.loads(Path(f).read_text())["runs"] for f in args.lofo)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            sys.exit(
-                f"error: --lofo {' '.join(args.lofo)}: not experiments/lofo.py results ({exc})"
-            )
-        lofo = {"on": on, "off": off}
-    result = compare_runs(args.compare, args.data, device, args.batch_size, lofo)
-    out = Path(args.out or "runs/compare")
-    text = compare_markdown(result)
-    print(text)
-    write_json(out / "compare.json", result)
-    atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(text + "\n"))
-    if args.json:
-        write_json(args.json, result)
-    print(f"\nverdict: {result['verdict']}")
-    print(f"saved {out / 'compare.json'} and {out / 'compare.md'}")
-    return result
+    return evaluate_split(args, pick_device(args.device))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@
     python export.py --checkpoint ... --int8 --calib-data data/faces   # + .int8.onnx, .int8-trt.onnx
     python export.py --checkpoint ... --fp16                           # + models/facecheck.fp16.onnx
     python export.py --checkpoint ... --tensorrt --fp16                # + models/facecheck.fp16.engine
+    python export.py --from-onnx --fp16              # models/facecheck.fp16.onnx from facecheck.onnx
+    python export.py --from-onnx --tensorrt --fp16   # on the device: an engine from the shipped ONNX
+
+--from-onnx needs neither the checkpoint nor PyTorch (nor the onnx package with --tensorrt):
+TensorRT, cuda-python and ONNX Runtime are enough, which is what a Jetson has.
 
 The ONNX model (opset 17, so that TensorRT 8.6 on JetPack 5 parses it)
     input     `input`      float32 N x 3 x S x S, RGB in [0, 1], N dynamic: face crops made
@@ -37,9 +42,10 @@ lowest opset 17 allows, so that TensorRT 8.5/8.6 and ONNX Runtime <= 1.17 read i
   8.5 / 8.6 / 10.0-10.11: --int8; 10.12+: --stronglyTyped instead; 11.x: neither:
           trtexec --onnx=models/facecheck.int8-trt.onnx --saveEngine=models/facecheck.int8.engine $shapes --int8
   (models/facecheck.int8.onnx is the ONNX Runtime CPU model: its INT32 biases stop TensorRT's parser.)
-infer.py reads an engine's metadata from <engine>.json (written by --tensorrt: the model's
-metadata, the engine's precision, TensorRT version, GPU and sha256, all checked before it runs)
-or, for a trtexec engine, from models/facecheck.onnx next to it.
+infer.py (backends.py) reads an engine's metadata from <engine>.json (written by --tensorrt: the
+model's metadata, the engine's precision, TensorRT version, GPU name and compute capability and
+sha256, all checked before it runs) or, for a trtexec engine, from models/facecheck.onnx next
+to it.
 """
 
 import argparse
@@ -50,20 +56,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
-import torch
-from onnx import TensorProto, helper, numpy_helper
 
-from common import (
-    CLASS_NAMES,
-    atomic_write,
-    load_rows,
-    load_split,
-    manifest_hash,
-    read_manifest,
-    to_model_input,
-)
-from model import CheckpointError, load_checkpoint
+from backends import ModelError, cuda_device, onnx_metadata
+from common import atomic_write, load_rows, load_split, manifest_hash, read_manifest, to_model_input
+
+# torch and onnx are imported where they are used: `--tensorrt --from-onnx` (the route on a
+# device) needs neither, only TensorRT, cuda-python and ONNX Runtime.
 
 PARITY_TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2  # FP16 carries ~3 significant digits; NaN or worse means overflow
@@ -90,14 +88,15 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="a best.pt written by train.py (not with --from-onnx)")
     p.add_argument("--out", default="models/facecheck.onnx", help="FP32 ONNX path (default %(default)s)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset >= 17 (default 17: TensorRT 8.6 parses up to 17)")
-    p.add_argument("--int8", action="store_true", help="also write <out>.int8.onnx, statically Q/DQ-quantised (needs --calib-data)")
+    p.add_argument("--int8", action="store_true", help="also write <name>.int8.onnx (for ONNX Runtime on a CPU) and <name>.int8-trt.onnx (for TensorRT), statically Q/DQ-quantised, and <name>.int8.json (their val accuracy), beside --out <name>.onnx; needs --calib-data. With --tensorrt, an INT8 engine")
     p.add_argument("--calib-data", metavar="DATA_DIR", help="prepared dataset: its train split calibrates INT8, its val split measures the accuracy change")
     p.add_argument("--calib-count", type=int, default=256, help="training images for INT8 calibration (default 256)")
-    p.add_argument("--fp16", action="store_true", help="also write <out>.fp16.onnx (attention kept FP32); with --tensorrt, build an FP16 engine")
+    p.add_argument("--fp16", action="store_true", help="also write <name>.fp16.onnx beside --out <name>.onnx (attention kept FP32; with --from-onnx, made from --out); with --tensorrt, an FP16 engine")
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (FP32, or --fp16 / --int8); needs tensorrt and a CUDA GPU")
     p.add_argument("--engine", help="engine path (default: <out> with .engine, .fp16.engine or .int8.engine)")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the engine accepts (default 64)")
-    p.add_argument("--from-onnx", action="store_true", help="with --tensorrt: build the engine from the ONNX files already exported (--out and its .fp16.onnx / .int8-trt.onnx), no checkpoint or PyTorch export (the route on a Jetson)")
+    p.add_argument("--from-onnx", action="store_true", help="use the ONNX files already exported (--out and its .fp16.onnx / .int8-trt.onnx), no checkpoint and no PyTorch: with --tensorrt, build the engine from them (the route on a Jetson); with --fp16 alone, write the FP16 ONNX from --out")
+    p.add_argument("--detector", nargs="?", const="models/mtcnn", metavar="DIR", help="also (or only) write the face detector common.FaceDetector runs: MTCNN's P/R/O-nets from facenet-pytorch (+ integral.onnx, LICENSE) into DIR (default models/mtcnn); needs facenet-pytorch")
     # fmt: on
     args = p.parse_args(argv)
     if args.opset < 17:
@@ -110,11 +109,15 @@ def parse_args(argv=None):
         p.error("--engine must end in .engine or .plan (infer.py picks the backend by suffix)")
     if args.engine and not args.tensorrt:
         p.error("--engine needs --tensorrt")
-    if args.from_onnx and not args.tensorrt:
-        p.error("--from-onnx builds an engine: it needs --tensorrt")
+    if args.from_onnx and not (args.tensorrt or args.fp16):
+        p.error("--from-onnx needs --tensorrt (build an engine) or --fp16 (write the FP16 ONNX)")
+    if args.from_onnx and args.int8 and not args.tensorrt:
+        p.error(
+            "--from-onnx --int8 builds an INT8 engine: it needs --tensorrt (INT8 ONNX files need --checkpoint and --calib-data)"
+        )
     if args.from_onnx and args.checkpoint:
         p.error("--from-onnx uses the exported ONNX files, not --checkpoint")
-    if not args.from_onnx and not args.checkpoint:
+    if not args.from_onnx and not args.checkpoint and not args.detector:
         p.error("--checkpoint is required (or --tensorrt --from-onnx)")
     if args.from_onnx and not Path(args.out).is_file():
         p.error(f"--from-onnx: {args.out} not found (copy the exported models/ here first)")
@@ -129,41 +132,16 @@ def parse_args(argv=None):
     return args
 
 
-class WithProbability(torch.nn.Module):
-    """The model plus its fake probability, so ONNX users need no softmax of their own."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        logits = self.model(x)
-        return logits, torch.softmax(logits, dim=1)[:, 1]
-
-
 def is_attention(node):
     return node.name.startswith("attention/")
 
 
-def metadata_from_checkpoint(ckpt):
-    return {
-        "format": "facecheck",
-        "image_size": ckpt["image_size"],
-        "faces": ckpt.get("faces", "whole"),
-        "class_names": list(ckpt.get("class_names", CLASS_NAMES)),
-        "threshold": ckpt["threshold"],
-        "unsure_band": ckpt.get("unsure_band") or [ckpt["threshold"]] * 2,
-        "confident_calls": ckpt.get("val_metrics", {}).get("confident_calls"),
-        "attention": bool(ckpt["config"]["attention"]),
-        "manifest_sha256": ckpt.get("manifest_sha256", ""),
-        "epoch": ckpt.get("epoch", ""),
-        "git_commit": ckpt.get("git_commit", ""),
-        "val_metrics": ckpt.get("val_metrics", {}),
-    }
-
-
 def set_metadata(model, metadata, precision):
-    """metadata_props are strings: lists and dicts as JSON, booleans as true/false."""
+    """metadata (model.deployment_metadata, or the props of the ONNX model it came from) into
+    model's metadata_props, which are strings: text as it is, anything else as JSON
+    (backends.parse_metadata reads them back)."""
+    import onnx
+
     values = {
         **metadata,
         "precision": precision,
@@ -178,7 +156,20 @@ def set_metadata(model, metadata, precision):
 
 
 def to_onnx(model, image_size, opset=17):
-    """torch.export-based ONNX of model (eval mode) with a dynamic batch axis."""
+    """torch.export-based ONNX of model (eval mode) with a dynamic batch axis and two outputs:
+    the logits and the fake probability, so ONNX users need no softmax of their own."""
+    import onnx
+    import torch
+
+    class WithProbability(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            logits = self.model(x)
+            return logits, torch.softmax(logits, dim=1)[:, 1]
+
     wrapper = WithProbability(model).eval()
     example = torch.rand(2, 3, image_size, image_size)
     program = torch.onnx.export(
@@ -215,15 +206,21 @@ def ort_session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def probability_gap(session, model, image_size, batches=(1, 8)):
-    """Largest |prob_fake| difference between ONNX Runtime and PyTorch on random batches."""
-    gen = torch.Generator().manual_seed(0)
+def probability_gap(session, reference, image_size, batches=(1, 8)):
+    """Largest |prob_fake| difference between an ONNX Runtime session and reference (the
+    PyTorch model, or the ONNX Runtime session of the FP32 model) on random batches."""
+    rng = np.random.default_rng(0)
     gap = 0.0
     for n in batches:
-        x = torch.rand(n, 3, image_size, image_size, generator=gen)
-        with torch.inference_mode():
-            expected = torch.softmax(model(x), 1)[:, 1].numpy()
-        logits, prob = session.run(None, {"input": x.numpy()})
+        x = rng.random((n, 3, image_size, image_size), dtype=np.float32)
+        if callable(getattr(reference, "run", None)):  # an ONNX Runtime session
+            expected = reference.run(["prob_fake"], {"input": x})[0]
+        else:
+            import torch
+
+            with torch.inference_mode():
+                expected = torch.softmax(reference(torch.from_numpy(x)), 1)[:, 1].numpy()
+        logits, prob = session.run(None, {"input": x})
         if logits.shape != (n, 2) or prob.shape != (n,):
             raise ExportError(f"batch {n}: outputs have shapes {logits.shape}, {prob.shape}")
         diff = np.abs(prob - expected)  # NaN (e.g. FP16 overflow) counts as the worst gap
@@ -237,6 +234,7 @@ def lowest_ir_version(proto):
     built against TensorRT 8.6, onnxruntime.ai TensorRT EP requirements table) and the ONNX
     parsers of older TensorRT releases refuse. metadata_props on nodes, graphs, values and
     functions are IR 10 fields: they are dropped (the model's own metadata_props stay)."""
+    from onnx import helper
 
     def strip(graph):
         for item in [graph, *graph.node, *graph.input, *graph.output, *graph.value_info,
@@ -260,6 +258,8 @@ def lowest_ir_version(proto):
 def save_checked(proto, path, check=None):
     """Write proto atomically at the lowest IR version its opsets allow: onnx.checker (full)
     and check(tmp_path) must pass first."""
+    import onnx
+
     lowest_ir_version(proto)
 
     def write(tmp):
@@ -294,6 +294,9 @@ def convert_to_fp16(model, keep_fp32=is_attention):
     """FP32 ONNX -> mixed FP16 ONNX: float32 input and outputs, nodes where keep_fp32(node)
     left in FP32, a Cast wherever the two meet. onnxconverter-common is not a dependency; this
     is its keep_io_types + node_block_list behaviour for the ops this model uses."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph, F32, F16 = model.graph, TensorProto.FLOAT, TensorProto.FLOAT16
     inferred = onnx.shape_inference.infer_shapes(model).graph
@@ -389,6 +392,7 @@ def quantize_int8(fp32_path, out_path, images, batch=32, target="cpu"):
     input to this layer", onnx/onnx-tensorrt#850, microsoft/onnxruntime#17738), and nodes with
     a 0-D constant input stay unquantised (scalar_constant_nodes). target "cpu": biases INT32,
     which ONNX Runtime's CPU kernels fuse into QLinearConv; not for TensorRT."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader as Reader
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -515,7 +519,8 @@ def _build_engine(trt, onnx_paths, engine_path, precision, image_size, max_batch
     strong = strongly_typed(trt)
     key = precision if strong or precision == "int8" else "fp32"
     if key not in onnx_paths:
-        flag = {"fp16": "--fp16", "int8": "--int8 --calib-data DATA"}.get(key, "")
+        flag = {"fp16": "--fp16 (--from-onnx makes it from the FP32 ONNX)",
+                "int8": "--int8 --calib-data DATA"}.get(key, "")  # fmt: skip
         raise ExportError(f"a {precision} engine on TensorRT {trt.__version__} is built from the "
                           f"{key} ONNX model; export it too ({flag})")  # fmt: skip
     onnx_path = onnx_paths[key]
@@ -540,7 +545,9 @@ def _build_engine(trt, onnx_paths, engine_path, precision, image_size, max_batch
     profile = builder.create_optimization_profile()
     shape = lambda n: (n, 3, image_size, image_size)  # noqa: E731
     profile.set_shape("input", shape(1), shape(min(32, max_batch)), shape(max_batch))
-    config.add_optimization_profile(profile)
+    if config.add_optimization_profile(profile) < 0:  # -1: TensorRT found the profile invalid
+        raise ExportError(f"TensorRT {trt.__version__} refused the optimisation profile "
+                          f"(input 1..{max_batch} x 3 x {image_size} x {image_size})")  # fmt: skip
     pinned = 0
     if not strong and precision != "fp32":
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.INT8)
@@ -571,11 +578,7 @@ def write_engine_metadata(engine_path, onnx_path, precision, build):
     infer.py checks before running the engine: its precision, the TensorRT version and GPU it
     was built with (an engine runs only there) and the engine's own sha256 (so that a sidecar
     left next to another engine is noticed)."""
-    from infer import cuda_device
-
-    props = {
-        p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props
-    }
+    props = onnx_metadata(onnx_path)
     gpu = cuda_device()
     props.update({
         "precision": precision,
@@ -594,23 +597,29 @@ def write_engine_metadata(engine_path, onnx_path, precision, build):
 
 
 def tensorrt_problem():
-    """None when TensorRT and a CUDA GPU are usable, else the reason in one line."""
+    """None when TensorRT, cuda-python and a CUDA GPU are usable, else the reason in one line."""
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return "the tensorrt package is not installed (pip install tensorrt; JetPack ships it)"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible"
+        return "the tensorrt package is not installed (JetPack's python3-libnvinfer, or pip install tensorrt)"  # fmt: skip
+    try:
+        cuda_device()
+    except ModelError as exc:
+        return str(exc)
     return None
 
 
-def write_fp16(out, model, size):
+def write_fp16(out, reference, size):
+    """<out>.fp16.onnx from the FP32 ONNX model out, written once its probabilities are within
+    FP16_TOLERANCE of reference's (the PyTorch model, or the FP32 ONNX model's session)."""
+    import onnx
+
     path, gaps = out.with_suffix(".fp16.onnx"), []
     fp16 = convert_to_fp16(onnx.load(str(out)))
     set_metadata(fp16, {p.key: p.value for p in fp16.metadata_props}, "fp16")
 
     def close_enough(tmp):
-        gaps.append(probability_gap(ort_session(tmp), model, size))
+        gaps.append(probability_gap(ort_session(tmp), reference, size))
         if gaps[-1] > FP16_TOLERANCE:
             raise ExportError(
                 f"the FP16 model is off by {gaps[-1]:.2e} in probability; not written"
@@ -664,42 +673,134 @@ def write_engine(args, paths, size):
     return engine
 
 
-def engine_from_onnx(args):
-    """--tensorrt --from-onnx: an engine from <out>.onnx and its exported siblings."""
+def from_onnx(args):
+    """--from-onnx: from <out>.onnx and its exported siblings, without a checkpoint or torch,
+    an engine (--tensorrt) or the FP16 ONNX model (--fp16 alone)."""
     out = Path(args.out)
     siblings = {"fp32": out, "fp16": out.with_suffix(".fp16.onnx"),
                 "int8": out.with_suffix(".int8-trt.onnx")}  # fmt: skip
     paths = {key: path for key, path in siblings.items() if path.is_file()}
     try:
-        props = {
-            p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props
-        }
-        size = int(props["image_size"])
-    except Exception as exc:
-        print(f"error: {out}: not an ONNX model exported by export.py ({type(exc).__name__})", file=sys.stderr)  # fmt: skip
+        size = int(onnx_metadata(out)["image_size"])
+    except (ModelError, KeyError, ValueError) as exc:
+        print(f"error: {out}: not an ONNX model exported by export.py ({exc})", file=sys.stderr)
         return 2
     try:
-        write_engine(args, paths, size)
+        if args.tensorrt:
+            write_engine(args, paths, size)
+        else:
+            write_fp16(out, ort_session(out), size)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
+def export_detector(out_dir):
+    """MTCNN's P-, R- and O-nets (facenet-pytorch 2.5.3: weights inside its wheel, MIT) as
+    OUT_DIR/{pnet,rnet,onet}.onnx (opset 17; batch dynamic, and height and width for the P-net,
+    which slides over the pyramid), each checked against PyTorch to 1e-4, plus integral.onnx (the
+    integral image common.FaceDetector resamples from: uint8 N x H x W x 3 -> int32 N x H+1 x
+    W+1 x 3, exact) and the wheel's LICENSE. common.FaceDetector runs them with numpy, no torch."""
+    import importlib.metadata
+    import shutil
+
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+    from onnx import TensorProto, helper
+
+    out_dir = Path(out_dir)
+    batch = torch.export.Dim("batch")
+    height, width = torch.export.Dim("height", min=12), torch.export.Dim("width", min=12)
+    nets = [  # name, net, example input, dynamic axes, outputs, shapes checked
+        ("pnet", PNet(), (1, 3, 37, 53), {0: batch, 2: height, 3: width}, ["reg", "prob"],
+         [(1, 3, 12, 12), (2, 3, 61, 40), (1, 3, 308, 410)]),
+        ("rnet", RNet(), (2, 3, 24, 24), {0: batch}, ["reg", "prob"], [(1, 3, 24, 24), (9, 3, 24, 24)]),
+        ("onet", ONet(), (2, 3, 48, 48), {0: batch}, ["reg", "landmarks", "prob"],
+         [(1, 3, 48, 48), (5, 3, 48, 48)]),
+    ]  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    for name, net, example, axes, outputs, checks in nets:
+        program = torch.onnx.export(net.eval(), (torch.rand(example, generator=gen),), dynamo=True,
+                                    input_names=["input"], output_names=outputs, opset_version=18,
+                                    dynamic_shapes=(axes,), verbose=False)  # fmt: skip
+        proto = program.model_proto
+        for node in proto.graph.node:
+            del node.metadata_props[:]  # exporter bookkeeping, incl. this machine's source paths
+        proto = onnx.version_converter.convert_version(proto, 17)
+
+        def parity(tmp, net=net, checks=checks, name=name):
+            session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+            for shape in checks:
+                x = torch.rand(shape, generator=gen) * 2 - 1  # MTCNN's input range
+                with torch.inference_mode():
+                    expected = net(x)
+                got = session.run(None, {"input": x.numpy()})
+                gap = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+                if not gap <= PARITY_TOLERANCE:
+                    raise ExportError(f"{name}: ONNX Runtime and PyTorch differ by {gap:.2e}")
+
+        save_checked(proto, out_dir / f"{name}.onnx", parity)
+    I64 = TensorProto.INT64
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["image"], ["wide"], to=TensorProto.INT32),
+         helper.make_node("Pad", ["wide", "pads"], ["padded"]),  # a zero row and column at the end
+         helper.make_node("CumSum", ["padded", "axis_h"], ["rows"], exclusive=1),
+         helper.make_node("CumSum", ["rows", "axis_w"], ["integral"], exclusive=1)],
+        "integral_image",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", "height", "width", 3])],
+        [helper.make_tensor_value_info("integral", TensorProto.INT32, ["batch", "rows", "cols", 3])],
+        [helper.make_tensor("pads", I64, [8], [0, 0, 0, 0, 0, 1, 1, 0]),
+         helper.make_tensor("axis_h", I64, [], [1]), helper.make_tensor("axis_w", I64, [], [2])],
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    def exact(tmp):
+        image = np.random.default_rng(0).integers(0, 256, (2, 31, 45, 3), dtype=np.uint8)
+        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        expected = np.zeros((2, 32, 46, 3), np.int64)
+        expected[:, 1:, 1:] = image.cumsum(1).cumsum(2)
+        if not np.array_equal(session.run(None, {"image": image})[0], expected):
+            raise ExportError("integral.onnx: not the integral image")
+
+    save_checked(proto, out_dir / "integral.onnx", exact)
+    dist = importlib.metadata.distribution("facenet-pytorch")
+    licence = next(f for f in dist.files if f.name.upper().startswith("LICENSE"))
+    shutil.copyfile(dist.locate_file(licence), out_dir / "LICENSE")
+    return [out_dir / f"{n}.onnx" for n in ("pnet", "rnet", "onet", "integral")]
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.detector:
+        try:
+            print("wrote " + ", ".join(map(str, export_detector(args.detector))))
+        except ExportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if not args.checkpoint and not args.from_onnx:
+            return 0
     if args.tensorrt and (problem := tensorrt_problem()):
-        print(f"error: --tensorrt: {problem}; export without --tensorrt and build the engine "
-              "on the device with trtexec (see python export.py --help)", file=sys.stderr)  # fmt: skip
+        advice = (  # on the device itself, "build it on the device" would be no advice
+            "install what is named (docs/edge.md, Jetson step by step)"
+            if args.from_onnx
+            else "export without --tensorrt and build the engine on the device with export.py "
+            "--tensorrt --from-onnx or trtexec (see python export.py --help)"
+        )
+        print(f"error: --tensorrt: {problem}; {advice}", file=sys.stderr)
         return 2
     if args.from_onnx:
-        return engine_from_onnx(args)
+        return from_onnx(args)
+    from model import CheckpointError, deployment_metadata, load_checkpoint
+
     try:
         model, ckpt = load_checkpoint(args.checkpoint)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metadata = metadata_from_checkpoint(ckpt)
+    metadata = deployment_metadata(ckpt)
     size, out = metadata["image_size"], Path(args.out)
     try:
         gap = export_onnx(model, out, metadata, args.opset)

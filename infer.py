@@ -4,10 +4,11 @@
     python infer.py a.jpg b.png --csv -             # CSV on stdout
     python infer.py photos/ --model runs/attention-off/best.pt --threshold 0.7
 
-The model decides the backend by its file type: .onnx runs in ONNX Runtime (TensorRT, CUDA or
-CPU provider, the first one available), .engine / .plan in TensorRT, .pt (a train.py checkpoint)
-in PyTorch. Input size, face framing, decision threshold and class names come from the model
-file (ONNX metadata, the engine's .json, the checkpoint), so nothing here has to match by hand.
+The model decides the backend by its file type (backends.py): .onnx runs in ONNX Runtime
+(TensorRT, CUDA or CPU provider, the first one available), .engine / .plan in TensorRT, .pt (a
+train.py checkpoint) in PyTorch. Input size, face framing, decision threshold and class names
+come from the model file (ONNX metadata, the engine's .json, the checkpoint), so nothing here
+has to match by hand.
 
 Preprocessing is training's own, imported from common.py: EXIF orientation applied, any mode
 (grayscale, RGBA on white, CMYK, 16-bit, palette) to 8-bit RGB; MTCNN (common.FaceDetector)
@@ -16,8 +17,8 @@ the training faces (common.face_inputs). A model trained on already-cropped face
 faces=whole) takes the centred square of each image instead.
 
 Folders are searched recursively for .jpg .jpeg .png .webp .bmp .gif; files named on the
-command line are tried whatever their extension. Decoding runs in a pool of --workers
-threads, a few images ahead of the face detector and the model.
+command line are tried whatever their extension. Decoding, face finding and framing run in a
+pool of --workers threads, a few images ahead of the model.
 
 Output: CSV, one row per face, largest face first (face 0), written atomically to --csv
 (default predictions.csv in the current folder; "-" prints it to stdout):
@@ -51,15 +52,16 @@ from pathlib import Path
 
 import numpy as np
 
+from backends import ModelError, load_model
+from calibrate import decision
 from common import (
-    CLASS_NAMES,
     IMAGE_EXTENSIONS,
     BadImage,
     atomic_write,
     decode_image,
     face_inputs,
     find_images,
-    to_model_input,
+    to_model_array,
 )
 
 DEFAULT_MODEL = "models/facecheck.onnx"
@@ -79,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--csv", default="predictions.csv", help='CSV to write (default %(default)s in the current folder; "-" for stdout)')
     p.add_argument("--batch", type=int, default=32, help="images per model call (default 32)")
     p.add_argument("--threshold", type=float, help="predict fake when prob_fake >= this, with no unsure band (default: the model's threshold and band, chosen on validation)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads (default min(4, CPUs))")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads that decode, find and frame faces (default min(4, CPUs))")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--save", metavar="DIR", help="write a copy of every photo into DIR with each face boxed and labelled (real / fake / unsure and prob_fake); DIR must lie outside the inputs")
     p.add_argument("--json", metavar="PATH", help="also write the rows and the summary as JSON to PATH")
@@ -88,370 +90,6 @@ def parse_args(argv=None):
     if args.batch < 1 or args.workers < 1:
         p.error("--batch and --workers must be >= 1")
     return args
-
-
-def decision(prob, threshold, band):
-    """real / fake / unsure: fake from band[1] up, real below band[0]; the band comes from
-    validation (train.unsure_band) and collapses onto a threshold given by hand."""
-    low, high = band
-    if prob >= max(high, threshold):
-        return "fake"
-    if prob < min(low, threshold):
-        return "real"
-    return "unsure"
-
-
-def parse_metadata(props, source):
-    """ONNX metadata_props / engine .json (string values, JSON inside) -> typed dict."""
-    if props.get("format") != "facecheck" or "image_size" not in props:
-        raise InferError(
-            f"{source}: no facecheck metadata (image_size, threshold); export the model with export.py"
-        )
-    try:
-        return {
-            "image_size": int(props["image_size"]),
-            "threshold": float(props["threshold"]),
-            "class_names": json.loads(props.get("class_names", json.dumps(CLASS_NAMES))),
-            "precision": props.get("precision", "fp32"),
-            "faces": props.get("faces", "whole"),
-            "unsure_band": json.loads(props.get("unsure_band", "null"))
-            or [float(props["threshold"])] * 2,
-            "confident_calls": json.loads(props.get("confident_calls", "null")),
-        }
-    except (KeyError, ValueError) as exc:
-        raise InferError(f"{source}: unreadable facecheck metadata ({exc})") from None
-
-
-ORT_TRT_MAX_BATCH = 64  # the ONNX Runtime TensorRT EP's profile: batches 1..64, larger ones split
-
-
-def ort_trt_cache_dir(path):
-    """Where the ONNX Runtime TensorRT EP keeps its engine and timing caches for this model:
-    $FACECHECK_TRT_CACHE, else <model folder>/.trt-cache (else ~/.cache/facecheck/trt if the
-    model folder is read-only)."""
-    if os.environ.get("FACECHECK_TRT_CACHE"):
-        return Path(os.environ["FACECHECK_TRT_CACHE"])
-    here = Path(path).resolve().parent / ".trt-cache"
-    try:
-        here.mkdir(exist_ok=True)
-        return here
-    except OSError:
-        return Path.home() / ".cache" / "facecheck" / "trt"
-
-
-def ort_providers(path, available):
-    """ONNX Runtime providers for path, best first, with options. The TensorRT EP gets an
-    engine cache, a timing cache and a fixed optimisation profile (batches 1..64 at the model's
-    input size), so the first run builds an engine and later runs load it instead of rebuilding
-    (trt_engine_cache_enable / trt_engine_cache_path / trt_timing_cache_enable /
-    trt_profile_{min,opt,max}_shapes: onnxruntime.ai/docs/execution-providers/
-    TensorRT-ExecutionProvider.html). Older ONNX Runtime builds refuse options they do not know
-    ("Invalid TensorRT EP option", onnxruntime#21484): load_onnx then retries with the engine
-    cache alone (ORT_TRT_BASIC_OPTIONS). A
-    Q/DQ model asks for INT8 (trt_int8_enable) so that TensorRT 8.6's weakly typed builder
-    accepts its Q/DQ nodes; an FP16 ONNX is FP16 by itself, an FP32 one stays FP32."""
-    providers = []
-    if "TensorrtExecutionProvider" in available:
-        import onnx
-
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:
-            raise InferError(f"{path}: not a usable ONNX model ({type(exc).__name__})") from None
-        meta = parse_metadata({p.key: p.value for p in model.metadata_props}, path)
-        cache = ort_trt_cache_dir(path)
-        cache.mkdir(parents=True, exist_ok=True)
-        size = meta["image_size"]
-        dims = lambda n: f"input:{n}x3x{size}x{size}"  # noqa: E731
-        providers.append((
-            "TensorrtExecutionProvider",
-            {
-                "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(cache),
-                "trt_timing_cache_enable": True,  # kept in trt_engine_cache_path (onnxruntime#17865)
-                "trt_profile_min_shapes": dims(1),
-                "trt_profile_opt_shapes": dims(min(32, ORT_TRT_MAX_BATCH)),
-                "trt_profile_max_shapes": dims(ORT_TRT_MAX_BATCH),
-                "trt_int8_enable": meta["precision"] == "int8",
-            },
-        ))  # fmt: skip
-    providers += [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return providers
-
-
-ORT_TRT_BASIC_OPTIONS = ("trt_engine_cache_enable", "trt_engine_cache_path")
-
-
-def load_onnx(path):
-    import onnxruntime as ort
-
-    providers = ort_providers(path, ort.get_available_providers())
-    try:
-        try:
-            session = ort.InferenceSession(str(path), providers=providers)
-        except Exception as exc:
-            if not (isinstance(providers[0], tuple) and "option" in str(exc).lower()):
-                raise
-            name, options = providers[0]  # an older ONNX Runtime: the engine cache only
-            basic = {k: v for k, v in options.items() if k in ORT_TRT_BASIC_OPTIONS}
-            session = ort.InferenceSession(str(path), providers=[(name, basic), *providers[1:]])
-    except Exception as exc:  # "... Load model from X failed:/src/model.cc:256 fn(...) reason"
-        detail = (str(exc).strip().splitlines() or [""])[0].split("failed:")[-1]
-        detail = detail.rsplit(") ", 1)[-1] if detail.startswith("/") else detail
-        raise InferError(f"{path}: not a usable ONNX model ({detail[:200]})") from None
-    meta = parse_metadata(session.get_modelmeta().custom_metadata_map, path)
-    meta["backend"] = f"ONNX Runtime {session.get_providers()[0]}"
-    chunk = ORT_TRT_MAX_BATCH if session.get_providers()[0] == "TensorrtExecutionProvider" else None
-
-    def run(batch):
-        step = chunk or max(len(batch), 1)
-        parts = [
-            session.run(["logits"], {"input": batch[i : i + step]})[0]
-            for i in range(0, len(batch), step)
-        ]
-        return np.concatenate(parts)
-
-    return run, meta
-
-
-def cuda_device():
-    """{"name", "compute_capability"} of the current CUDA GPU (what a TensorRT engine is tied to:
-    the TensorRT version and the GPU's compute capability)."""
-    import torch
-
-    index = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    return {"name": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}"}
-
-
-def engine_metadata(path):
-    """An engine carries no metadata: read <engine>.json, else the .onnx next to it (an engine
-    built with trtexec). Returns (meta, build): build is the sidecar's record of the TensorRT
-    version, GPU and engine hash, {} when there is no sidecar."""
-    path = Path(path)
-    sidecar, onnx_path = Path(f"{path}.json"), path.with_name(path.name.split(".")[0] + ".onnx")
-    if sidecar.is_file():
-        try:
-            props = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InferError(f"{sidecar}: unreadable ({exc})") from None
-        keys = ("tensorrt_version", "gpu_name", "gpu_compute_capability", "engine_sha256")
-        return parse_metadata(props, sidecar), {k: props[k] for k in keys if props.get(k)}
-    if onnx_path.is_file():
-        import onnx
-
-        model = onnx.load(str(onnx_path), load_external_data=False)
-        meta = parse_metadata({p.key: p.value for p in model.metadata_props}, onnx_path)
-        named = path.name.split(".")[-2] if path.name.count(".") >= 2 else ""
-        meta["precision"] = named if named in ("fp16", "int8") else meta["precision"]
-        return meta, {}
-    raise InferError(
-        f"{path}: no metadata; expected {sidecar} (written by export.py --tensorrt) or {onnx_path}"
-    )
-
-
-REBUILD = (
-    "rebuild it on this device: python export.py --checkpoint models/facecheck.pt --tensorrt "
-    "[--fp16 | --int8 --calib-data DATA], or trtexec (README, Edge deployment)"
-)
-
-
-def check_engine_build(path, build, plan, trt_version, device):
-    """Refuse an engine whose sidecar says it was built elsewhere: another TensorRT version or
-    another GPU family (compute capability), or whose bytes are not the engine the sidecar
-    describes. TensorRT engines are not portable across TensorRT versions or GPU models."""
-    if build.get("tensorrt_version") and build["tensorrt_version"] != trt_version:
-        raise InferError(
-            f"{path} was built with TensorRT {build['tensorrt_version']}, this is TensorRT "
-            f"{trt_version}: an engine only runs on the TensorRT version that built it; {REBUILD}"
-        )
-    built_cc = build.get("gpu_compute_capability")
-    if built_cc and built_cc != device["compute_capability"]:
-        raise InferError(
-            f"{path} was built on {build.get('gpu_name', 'a GPU')} (compute capability {built_cc}), "
-            f"this is {device['name']} (compute capability {device['compute_capability']}): an "
-            f"engine only runs on the GPU family that built it; {REBUILD}"
-        )
-    if build.get("engine_sha256"):
-        import hashlib
-
-        if hashlib.sha256(plan).hexdigest() != build["engine_sha256"]:
-            raise InferError(
-                f"{path} is not the engine {path}.json describes (a stale engine or sidecar from "
-                f"another model or build); {REBUILD}"
-            )
-
-
-def check_engine_io(path, engine, trt, image_size):
-    """The engine must take what run() sends: a float32, linear (NCHW) tensor named input with
-    a batch range starting at 1 and 3 x S x S images (S from its metadata), and write float
-    logits. Returns the largest batch of its optimisation profile."""
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    if inputs != ["input"] or "logits" not in outputs:
-        raise InferError(
-            f"{path}: inputs {inputs}, outputs {outputs}; a facecheck engine has input 'input' "
-            f"and output 'logits' (an engine of another model?); {REBUILD}"
-        )
-    for name, wanted in (("input", ("FLOAT",)), ("logits", ("FLOAT", "HALF"))):
-        dtype = engine.get_tensor_dtype(name)
-        if getattr(dtype, "name", str(dtype)).split(".")[-1] not in wanted:
-            raise InferError(
-                f"{path}: its {name} is {dtype}, infer.py exchanges float32 (an engine built "
-                f"with FP16 or INT8 I/O, e.g. trtexec --inputIOFormats); {REBUILD}"
-            )
-        fmt = engine.get_tensor_format(name)
-        if fmt != trt.TensorFormat.LINEAR:
-            raise InferError(
-                f"{path}: its {name} has format {fmt}, infer.py exchanges linear (NCHW) "
-                f"buffers (an engine built with --inputIOFormats=...:hwc/chw32?); {REBUILD}"
-            )
-    if engine.num_optimization_profiles < 1:
-        raise InferError(f"{path}: no optimisation profile; {REBUILD}")
-    low, _, high = (tuple(d) for d in engine.get_tensor_profile_shape("input", 0))
-    want = (3, image_size, image_size)
-    if low[1:] != want or high[1:] != want:
-        raise InferError(
-            f"{path}: takes images of {low[1:]} to {high[1:]}, its metadata says "
-            f"{want} (a stale engine from another model?); {REBUILD}"
-        )
-    if low[0] != 1 or high[0] < 1:
-        raise InferError(
-            f"{path}: its batch range is {low[0]}..{high[0]}; infer.py needs batches from 1 "
-            f"(the last batch of a folder is smaller); {REBUILD} --max-batch N"
-        )
-    return int(high[0])
-
-
-def trt_step(ok, what):
-    """TensorRT's set_input_shape / set_tensor_address / execute_async_v3 return False on
-    failure (and log why): stop with that instead of reading an output that was never written."""
-    if not ok:
-        raise InferError(f"TensorRT {what} failed (TensorRT's log above says why)")
-
-
-def load_engine(path):
-    """A serialised TensorRT engine, run on CUDA with torch tensors as device buffers (torch is
-    on the device anyway: the preprocessing and the face detector use it; cuda-python would be
-    a second CUDA binding for the same four buffers)."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise InferError(
-            f"{path}: TensorRT engines need the tensorrt package (and a CUDA GPU); use the .onnx model instead"
-        ) from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise InferError(f"{path}: TensorRT engines need a CUDA GPU; use the .onnx model instead")
-    meta, build = engine_metadata(path)
-    plan = Path(path).read_bytes()
-    check_engine_build(path, build, plan, trt.__version__, cuda_device())
-    try:
-        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise InferError(
-            f"{path}: TensorRT {trt.__version__} cannot load it ({first}); {REBUILD}"
-        ) from None
-    if engine is None:
-        raise InferError(
-            f"{path}: not an engine for this GPU / TensorRT {trt.__version__}; {REBUILD}"
-        )
-    max_batch = check_engine_io(path, engine, trt, meta["image_size"])
-    context, stream = engine.create_execution_context(), torch.cuda.Stream()
-    if context is None:
-        raise InferError(f"{path}: TensorRT could not create an execution context (GPU memory?)")
-    outputs = [
-        name
-        for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT
-    ]
-    dtypes = {
-        name: torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
-        for name in outputs
-    }
-
-    def run(batch):
-        logits = []
-        for start in range(0, len(batch), max_batch):
-            # The engine reads the input's bytes as contiguous NCHW float32 (TensorFormat.LINEAR):
-            # a channels-last view (what to_model_input's permute gives) must be copied first.
-            chunk = np.ascontiguousarray(batch[start : start + max_batch], dtype=np.float32)
-            with torch.cuda.stream(stream):
-                x = torch.from_numpy(chunk).cuda().contiguous()
-                n, c, h, w = x.shape
-                if not x.is_contiguous() or tuple(x.stride()) != (c * h * w, h * w, w, 1):
-                    raise InferError(f"internal: input buffer is not NCHW ({x.stride()})")
-                trt_step(context.set_input_shape("input", tuple(x.shape)),
-                         f"set_input_shape(input, {tuple(x.shape)})")  # fmt: skip
-                trt_step(context.set_tensor_address("input", x.data_ptr()),
-                         "set_tensor_address(input)")  # fmt: skip
-                out = {}
-                for name in outputs:
-                    shape = tuple(context.get_tensor_shape(name))
-                    if any(d < 0 for d in shape):
-                        raise InferError(f"TensorRT left the shape of {name} open: {shape}")
-                    out[name] = torch.empty(shape, dtype=dtypes[name], device="cuda")
-                    trt_step(context.set_tensor_address(name, out[name].data_ptr()),
-                             f"set_tensor_address({name})")  # fmt: skip
-                trt_step(context.execute_async_v3(stream.cuda_stream), "execute_async_v3")
-            stream.synchronize()
-            logits.append(out["logits"].float().cpu().numpy())
-        return np.concatenate(logits)
-
-    # One warm-up image at load time: a context that cannot run fails here, inside the caller's
-    # model-loading error handling, and the first real batch does not pay TensorRT's lazy setup.
-    run(np.zeros((1, 3, meta["image_size"], meta["image_size"]), np.float32))
-    meta["backend"] = f"TensorRT {trt.__version__}"
-    return run, meta
-
-
-def load_torch(path):
-    import torch
-
-    from common import pick_device
-    from model import CheckpointError, load_checkpoint
-
-    try:
-        model, ckpt = load_checkpoint(path)  # weights_only: a pickle payload is refused, not run
-    except CheckpointError as exc:
-        raise InferError(str(exc)) from None
-    device = pick_device("auto")
-    model.to(device)
-
-    @torch.inference_mode()
-    def run(batch):
-        return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
-
-    meta = {
-        "image_size": ckpt["image_size"],
-        "faces": ckpt.get("faces", "whole"),
-        "threshold": ckpt["threshold"],
-        "unsure_band": list(ckpt.get("unsure_band") or [ckpt["threshold"]] * 2),
-        "confident_calls": ckpt.get("val_metrics", {}).get("confident_calls"),
-        "class_names": list(ckpt.get("class_names", CLASS_NAMES)),
-        "precision": "fp32",
-        "backend": f"PyTorch {device.type}",
-    }
-    return run, meta
-
-
-def load_model(path):
-    """(run, meta): run(float32 N x 3 x S x S in [0, 1]) -> logits N x 2; meta from the file."""
-    path = Path(path)
-    if not path.is_file():
-        hint = (
-            " (make it with: python export.py --checkpoint runs/<run>/best.pt)"
-            if str(path) == DEFAULT_MODEL
-            else ""
-        )
-        raise InferError(f"model {path} not found{hint}")
-    loaders = {".onnx": load_onnx, ".engine": load_engine, ".plan": load_engine, ".pt": load_torch}
-    if path.suffix.lower() not in loaders:
-        raise InferError(f"{path}: unknown model type; expected .onnx, .engine, .plan or .pt")
-    return loaders[path.suffix.lower()](path)
 
 
 def collect_files(paths):
@@ -482,20 +120,20 @@ def decode(path):
         return None, f"unreadable ({type(exc).__name__}: {exc})"
 
 
-def decode_ahead(files, workers, lookahead):
-    """Yield (path, rgb, reason) in order while up to lookahead files decode in threads
-    (PIL releases the GIL while decoding, so threads overlap with detection and inference)."""
+def decode_ahead(files, workers, lookahead, work=decode):
+    """Yield (path, *work(path)) in order while up to lookahead files are worked on in threads
+    (PIL's decoding, numpy and ONNX Runtime release the GIL, so the threads use every core)."""
     with ThreadPoolExecutor(workers) as pool:
         queue, todo = deque(), iter(files)
         for path in todo:
-            queue.append((path, pool.submit(decode, path)))
+            queue.append((path, pool.submit(work, path)))
             if len(queue) >= lookahead:
                 break
         while queue:
             path, future = queue.popleft()
             following = next(todo, None)
             if following is not None:
-                queue.append((following, pool.submit(decode, following)))
+                queue.append((following, pool.submit(work, following)))
             yield (path, *future.result())
 
 
@@ -507,25 +145,30 @@ def fake_probability(logits):
 
 def classify(run, files, size, detector=None, batch=32, workers=2, progress=None):
     """Rows (dicts: path, face, x0, y0, x1, y1, prob_fake, status, reason) for every face of
-    every file, in file order, largest face first. detector None: the image is the face."""
+    every file, in file order, largest face first. detector None: the image is the face.
+    Decoding, face finding and framing run in the worker threads, the model on full batches."""
     rows, pending, images = [], [], []
 
     def flush():
-        logits = run(to_model_input(np.stack(images)).numpy())
+        logits = run(to_model_array(np.stack(images)))
         for row, prob in zip(pending, fake_probability(logits).tolist()):
             row["prob_fake"] = prob
         pending.clear()
         images.clear()
 
-    for path, rgb, reason in decode_ahead(files, workers, lookahead=batch + 2 * workers):
+    def faces_of(path):
+        rgb, reason = decode(path)
+        if rgb is None:
+            return None, reason
+        try:
+            return face_inputs(rgb, size, detector), None
+        except Exception as exc:  # one photo the detector chokes on must not lose the folder
+            return None, f"face detection failed ({type(exc).__name__}: {exc})"
+
+    for path, faces, reason in decode_ahead(files, workers, batch + 2 * workers, faces_of):
         if progress is not None:
             progress.update()
-        if rgb is not None:
-            try:
-                faces = face_inputs(rgb, size, detector)
-            except Exception as exc:  # one photo the detector chokes on must not lose the folder
-                rgb, reason = None, f"face detection failed ({type(exc).__name__}: {exc})"
-        if rgb is None:
+        if faces is None:
             rows.append({"path": path, "face": "", "status": "unreadable", "reason": reason})
             continue
         if not faces:
@@ -617,9 +260,10 @@ def check_destinations(args):
 
 
 def saved_copy_names(files, roots, save_dir):
-    """Where each photo's annotated copy goes: SAVE/<input folder name>/<path inside it>.jpg, or
-    SAVE/<file name>.jpg for files named alone; never an input file, never inside an input
-    folder (the next run would classify the copies)."""
+    """Where each photo's annotated copy (a JPEG) goes: SAVE/<input folder name>/<path inside
+    it>, or SAVE/<file name> for files named alone; a photo.jpg keeps its name, a photo.png
+    becomes photo.png.jpg. Never an input file, never inside an input folder (the next run
+    would classify the copies)."""
     save_dir = Path(save_dir).resolve()
     for root in roots:
         if root.is_dir() and (save_dir == root.resolve() or root.resolve() in save_dir.parents):
@@ -627,10 +271,12 @@ def saved_copy_names(files, roots, save_dir):
     names, taken = {}, set()
     for path, root in zip(files, roots):
         rel = Path(root.name) / path.relative_to(root) if root.is_dir() else Path(path.name)
-        target = save_dir / rel.with_name(rel.name + ".jpg")
+        jpeg = rel.suffix.lower() in (".jpg", ".jpeg")
+        stem, suffix = (rel.stem, rel.suffix) if jpeg else (rel.name, ".jpg")
+        target = save_dir / rel.with_name(stem + suffix)
         k = 1
         while target in taken:
-            target = save_dir / rel.with_name(f"{rel.name}.{k}.jpg")
+            target = save_dir / rel.with_name(f"{stem}.{k}{suffix}")
             k += 1
         taken.add(target)
         names[path] = target
@@ -698,9 +344,9 @@ def make_detector(meta):
     """The face detector the model's training data was framed with (None: whole images)."""
     if meta.get("faces", "whole") != "mtcnn":
         return None
-    from common import FaceDetector, pick_device
+    from common import FaceDetector
 
-    return FaceDetector(device=pick_device("auto"))
+    return FaceDetector(device="cuda")  # ONNX Runtime's CUDA provider where it has one, else CPU
 
 
 def classify_all(run, files, meta, args):
@@ -732,10 +378,13 @@ def main(argv=None):
         check_destinations(args)
         files, roots = collect_files(args.paths)
         names = saved_copy_names(files, roots, args.save) if args.save else None
+        if args.model == DEFAULT_MODEL and not Path(args.model).is_file():
+            raise InferError(f"model {args.model} not found (make it with: python export.py "
+                             "--checkpoint runs/<run>/best.pt)")  # fmt: skip
         run, meta = load_model(args.model)
-        # An engine that fails mid-folder is an InferError too: one line, no traceback.
+        # A model that fails mid-folder is a ModelError too: one line, no traceback.
         rows, seconds = classify_all(run, files, meta, args)
-    except InferError as exc:
+    except (InferError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     threshold = meta["threshold"] if args.threshold is None else args.threshold

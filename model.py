@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import amp_dtype, to_model_input
+from common import CLASS_NAMES, amp_dtype, atomic_write, to_model_input
 
 DEFAULT_CONFIG = {
     "image_size": 128,
@@ -37,6 +37,9 @@ DEFAULT_CONFIG = {
     "attention_stage": 2,
     "attention_key_channels": 16,
     "dropout": 0.3,
+    # Residual blocks (two 3x3 convs and a skip) after each stage's downsampling conv; 0 is the
+    # original plain stage (downsampling conv, one 3x3 conv), which older checkpoints hold.
+    "residual_blocks": 0,
     "highpass": True,
     # ImageNet statistics; the model takes [0, 1] RGB and normalises inside itself.
     "mean": (0.485, 0.456, 0.406),
@@ -49,6 +52,31 @@ def conv_bn_act(cin, cout, stride=1, kernel=3):
         nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
         nn.BatchNorm2d(cout),
         nn.SiLU(inplace=True),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity skip (He et al. 2016's basic block)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn_act(channels, channels),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+        self.act = nn.SiLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(x + self.body(x))
+
+
+def stage(cin, cout, residual_blocks):
+    """A stride-2 conv, then one plain conv (residual_blocks 0) or that many residual blocks."""
+    if residual_blocks == 0:
+        return nn.Sequential(conv_bn_act(cin, cout, 2), conv_bn_act(cout, cout))
+    return nn.Sequential(
+        conv_bn_act(cin, cout, 2), *[ResidualBlock(cout) for _ in range(residual_blocks)]
     )
 
 
@@ -102,8 +130,9 @@ class FaceCheckNet(nn.Module):
         # Stride 4 (5x5 kernel) lets a 256 px input cost what a 128 px one does with stride 2.
         stem_stride = cfg["stem_stride"]
         self.stem = conv_bn_act(cin, w0, stride=stem_stride, kernel=3 if stem_stride == 2 else 5)
-        self.stage1 = nn.Sequential(conv_bn_act(w0, w1, 2), conv_bn_act(w1, w1))
-        self.stage2 = nn.Sequential(conv_bn_act(w1, w2, 2), conv_bn_act(w2, w2))
+        blocks = cfg["residual_blocks"]
+        self.stage1 = stage(w0, w1, blocks)
+        self.stage2 = stage(w1, w2, blocks)
         self.attention_stage = cfg["attention_stage"]
         if self.attention_stage not in (1, 2):
             raise ValueError(f"attention_stage must be 1 or 2, not {self.attention_stage!r}")
@@ -114,7 +143,7 @@ class FaceCheckNet(nn.Module):
             if cfg["attention"]
             else None
         )
-        self.stage3 = nn.Sequential(conv_bn_act(w2, w3, 2), conv_bn_act(w3, w3))
+        self.stage3 = stage(w2, w3, blocks)
         self.dropout = nn.Dropout(cfg["dropout"])
         self.head = nn.Linear(w3, 2)
 
@@ -174,6 +203,31 @@ def predict(model, images, device, batch_size=256, precision="auto"):
     return logits.softmax(1)[:, 1], logits
 
 
+def deployment_metadata(ckpt):
+    """What a deployed model says about itself, made from its checkpoint: the one definition.
+    export.py writes it into the ONNX file's metadata_props (and an engine's .json), where
+    backends.parse_metadata reads it back; backends.load_torch takes it straight from here.
+    Input size, face framing, decision threshold and band, class names, the validation record
+    and provenance; precision is the file's own (export.set_metadata overrides it). A checkpoint
+    from before a field existed gets the value that was implied then."""
+    threshold = ckpt["threshold"]
+    return {
+        "format": "facecheck",
+        "image_size": ckpt["image_size"],
+        "faces": ckpt.get("faces", "whole"),
+        "class_names": list(ckpt.get("class_names", CLASS_NAMES)),
+        "threshold": threshold,
+        "unsure_band": list(ckpt.get("unsure_band") or [threshold] * 2),
+        "confident_calls": ckpt.get("val_metrics", {}).get("confident_calls"),
+        "attention": bool(ckpt["config"]["attention"]),
+        "manifest_sha256": ckpt.get("manifest_sha256", ""),
+        "epoch": ckpt.get("epoch", ""),
+        "git_commit": ckpt.get("git_commit", ""),
+        "val_metrics": ckpt.get("val_metrics", {}),
+        "precision": "fp32",
+    }
+
+
 class CheckpointError(Exception):
     """A file that is not a usable facecheck checkpoint; str(exc) is a one-line reason."""
 
@@ -209,6 +263,11 @@ def load_checkpoint(path, map_location="cpu"):
         ) from None
     model.eval()
     return model, ckpt
+
+
+def save_checkpoint(path, state):
+    """Write a checkpoint dict atomically: a run cut mid-write keeps its previous file whole."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import backends  # noqa: E402
 import export  # noqa: E402
 from common import atomic_write  # noqa: E402
 from model import (  # noqa: E402
@@ -40,6 +41,7 @@ from model import (  # noqa: E402
     FaceCheckNet,
     count_flops,
     count_parameters,
+    deployment_metadata,
     load_checkpoint,
 )
 
@@ -102,7 +104,7 @@ def load_model(args):
             model, ckpt = load_checkpoint(args.checkpoint)
         except CheckpointError as exc:
             raise SystemExit(f"error: {exc}") from None
-        return model, export.metadata_from_checkpoint(ckpt), ckpt.get("data"), args.checkpoint
+        return model, deployment_metadata(ckpt), ckpt.get("data"), args.checkpoint
     if not args.random:
         raise SystemExit(f"error: {args.checkpoint} not found; pass --checkpoint PATH, or --random")
     torch.manual_seed(0)
@@ -129,17 +131,15 @@ def build_backends(args, model, meta, data, tmp):
     def eager(x):
         return model(torch.from_numpy(x))
 
-    backends = {"torch_eager": eager}
+    runners = {"torch_eager": eager}
     fp32 = Path(tmp) / "facecheck.onnx"
     export.export_onnx(model, fp32, meta)
-    backends["onnxruntime_fp32"] = ort_runner(fp32, args.threads)
+    runners["onnxruntime_fp32"] = ort_runner(fp32, args.threads)
     if not args.no_int8:
         images, calibration = calibration_images(args, data, size)
         export.quantize_int8(fp32, Path(tmp) / "facecheck.int8.onnx", images, target="cpu")
-        backends["onnxruntime_int8"] = ort_runner(Path(tmp) / "facecheck.int8.onnx", args.threads)
+        runners["onnxruntime_int8"] = ort_runner(Path(tmp) / "facecheck.int8.onnx", args.threads)
     if (problem := export.tensorrt_problem()) is None:
-        import infer
-
         paths = {"fp32": fp32, "fp16": Path(tmp) / "facecheck.fp16.onnx"}
         export.save_checked(export.convert_to_fp16(onnx.load(str(fp32))), paths["fp16"])
         if not args.no_int8:  # TensorRT takes the float-bias Q/DQ model, not the CPU one
@@ -149,10 +149,10 @@ def build_backends(args, model, meta, data, tmp):
             engine = Path(tmp) / f"facecheck.{precision}.engine"
             build = export.build_engine(paths, engine, precision, size, args.batch)
             export.write_engine_metadata(engine, build["onnx"], precision, build)
-            backends[f"tensorrt_{precision}"] = infer.load_engine(engine)[0]
+            runners[f"tensorrt_{precision}"] = backends.load_engine(engine)[0]
     else:
         print(f"TensorRT skipped: {problem}", file=sys.stderr)
-    return backends, calibration
+    return runners, calibration
 
 
 def time_backends(backends, size, args):
@@ -180,8 +180,8 @@ def main(argv=None):
                "attention": bool(meta["attention"]), "flops_per_image": count_flops(model),
                "params": count_parameters(model), "threads": args.threads}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        backends, calibration = build_backends(args, model, meta, data, tmp)
-        timings, results["matmul_gflops"] = time_backends(backends, meta["image_size"], args)
+        runners, calibration = build_backends(args, model, meta, data, tmp)
+        timings, results["matmul_gflops"] = time_backends(runners, meta["image_size"], args)
     results.update(timings)
     if "onnxruntime_int8" in results:
         results["onnxruntime_int8"]["calibration"] = calibration

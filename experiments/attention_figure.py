@@ -2,7 +2,7 @@
 saliency next to the attention-on model's attention map (the mean attention each position
 receives) and its Grad-CAM, one face per source of the split.
 
-    python experiments/attention_figure.py --on runs/on-s0 --off runs/off-s0 \
+    python experiments/attention_figure.py --on runs/on-s0 --off runs/off-s0 \\
         --split val --out results/attention-vs-saliency.png
 
 Both arms are scored on one dataset (--data, else the runs' own, which must be the same);
@@ -25,7 +25,7 @@ from evaluate import (  # noqa: E402
     explain,
     open_checkpoint,
     resolve_data,
-    save_figure,  # noqa: E402
+    save_figure,
 )
 
 
@@ -90,7 +90,7 @@ def main(argv=None):
         check_manifest(ckpt, data_dir)
         arms[name] = {"model": model, "data": data_dir, "ckpt": ckpt}
     # Both arms are shown the same faces, so they must be scored on one dataset. Whether each
-    # was trained on it is check_manifest's warning, as in evaluate.py --compare: a dataset
+    # was trained on it is check_manifest's warning, as in experiments/compare.py: a dataset
     # prepared again on another machine has the same faces under another manifest hash.
     if arms["on"]["data"].resolve() != arms["off"]["data"].resolve():
         sys.exit("error: --on and --off would be scored on different datasets; pass --data")

@@ -137,7 +137,7 @@ for source in "${LOFO_SOURCES[@]}"; do
   lofo_recorded "$source" || missing+=("without-$source")
 done
 if ((${#missing[@]} == 0)); then
-  $PY evaluate.py --compare "$RECORDS" \
+  $PY experiments/compare.py "$RECORDS" \
     --lofo results/lofo-v2-on.json results/lofo-v2.json --out results/attention-v2
 else
   echo "== verdict: waits for the records of ${missing[*]}"

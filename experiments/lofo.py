@@ -9,7 +9,9 @@ dataset that is the same manifest without X (images shared through a symlink, no
 copied), train on it with the given settings (train.py's defaults otherwise), then score every
 image of X (all of them unseen) against the test images of the other class.
 Reports accuracy on X at the checkpoint's threshold, ROC-AUC of X vs the other class's test
-images, the accuracy on those, and the accuracy on the remaining in-distribution test split.
+images, the accuracy on those, and the accuracy on the remaining in-distribution test split;
+for a real source whose file names say who is in the photo (demographics.py), its faces
+called real per group and the gap between the best and the worst group.
 """
 
 import argparse
@@ -27,8 +29,10 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from compare import run_facts  # noqa: E402
+
 from common import atomic_write, load_rows, read_manifest, write_csv  # noqa: E402
-from evaluate import run_facts  # noqa: E402
+from demographics import called_real_by_group  # noqa: E402
 from model import load_checkpoint, predict  # noqa: E402
 from train import parse_args as train_defaults  # noqa: E402
 from train import saved_train_args  # noqa: E402
@@ -92,14 +96,16 @@ def wanted_recipe(args):
     return wanted
 
 
-def write_subset(data, rows, held_out):
-    """The dataset without one source: its own manifest, the images shared through a symlink."""
-    subset = data.parent / f"{data.name}-without-{held_out}"
+def write_subset(data, rows, held_out, name=None):
+    """The dataset without the held-out source(s): its own manifest, the images shared through
+    a symlink. held_out: one source or a list of them; name: the folder's suffix."""
+    held_out = {held_out} if isinstance(held_out, str) else set(held_out)
+    subset = data.parent / f"{data.name}-{name or 'without-' + '-'.join(sorted(held_out))}"
     subset.mkdir(exist_ok=True)
     if not (subset / "images").exists():
         os.symlink(data / "images", subset / "images")
     fields = [k for k in rows[0] if k != "file"]  # the manifest's own columns
-    kept = [{k: r[k] for k in fields} for r in rows if r["source"] != held_out]
+    kept = [{k: r[k] for k in fields} for r in rows if r["source"] not in held_out]
     write_csv(subset / "manifest.csv", kept, fields)
     if (data / "summary.json").is_file():  # how the faces were framed: train.py reads it
         shutil.copyfile(data / "summary.json", subset / "summary.json")
@@ -153,6 +159,8 @@ def score_held_out(model, ckpt, rows, held_out, is_fake):
         "seen_test_accuracy": float(((prob_seen >= t) == labels_seen).mean()),
         "threshold": t,
         "best_epoch": ckpt["epoch"],
+        # Who of the unseen source gets called fake (None for a source without labels).
+        "demographics": called_real_by_group(unseen, prob_unseen, t, ckpt.get("unsure_band")),
     }
 
 
@@ -174,15 +182,25 @@ def save_results(path, results):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def demographic_gap(result):
+    """The held-out source's gap between its best and worst group, as a table cell."""
+    gap = (result.get("demographics") or {}).get("gap")
+    return (
+        "-"
+        if gap is None
+        else f"{100 * gap['gap']:.1f} ({gap['worst']} {gap['worst_called_real']:.2f})"
+    )
+
+
 def print_table(results):
     print("| held-out source | class | n | accuracy on it | AUC vs other class test "
-          "| other class test acc | seen test acc | threshold |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "| other class test acc | seen test acc | threshold | demographic gap, points (worst) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['held_out']} | {r['label']} | {r['n_unseen']} | {r['unseen_accuracy']:.3f} | "
             f"{r['unseen_vs_other_class_test_auc']:.3f} | {r['other_class_test_accuracy']:.3f} "
-            f"| {r['seen_test_accuracy']:.3f} | {r['threshold']:.3f} |"
+            f"| {r['seen_test_accuracy']:.3f} | {r['threshold']:.3f} | {demographic_gap(r)} |"
         )
 
 

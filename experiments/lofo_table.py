@@ -1,7 +1,8 @@
 """The README's leave-one-source-out table: experiments/lofo.py's JSON next to the shipped
-model's in-distribution accuracy on the same source (evaluate.py's metrics.json).
+model's in-distribution accuracy on the same source (evaluate.py's metrics.json), and, for the
+held-out sources whose file names say who is in the photo, their faces called real per group.
 
-    python experiments/lofo_table.py results/lofo-v2.json --in-distribution results/metrics.json \
+    python experiments/lofo_table.py results/lofo-v2.json --in-distribution results/metrics.json \\
         --out results/lofo-v2.md
 """
 
@@ -46,7 +47,26 @@ def table(runs, in_distribution):
             f"| {r['unseen_vs_other_class_test_auc']:.3f} | {r['other_class_test_accuracy']:.3f} "
             f"| {r['seen_test_accuracy']:.3f} | {'-' if seen is None else f'{seen:.3f}'} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + group_table(runs)) + "\n"
+
+
+def group_table(runs):
+    """Per held-out labelled source: n and share called real per group (demographics.py)."""
+    labelled = [r for r in runs if r.get("demographics")]
+    if not labelled:
+        return []
+    lines = ["", "Real faces called real per group, held-out source unseen in training", "",
+             "| held-out source | attribute | group | n | called real |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in labelled:
+        d = r["demographics"]
+        for g in d["groups"]:
+            few = "" if g["n"] >= d["min_n"] else " (few)"
+            lines.append(f"| {r['held_out']} | {g['attribute']} | {g['group']} | {g['n']}{few} "
+                         f"| {g['called_real']:.3f} |")  # fmt: skip
+        if gap := d["gap"]:
+            lines.append(f"| {r['held_out']} | gap, groups of >= {d['min_n']} | {gap['best']} - "
+                         f"{gap['worst']} | | {gap['gap']:.3f} |")  # fmt: skip
+    return lines
 
 
 def main(argv=None):

@@ -15,14 +15,14 @@ PY=${PY:-.venv/bin/python}
 
 # 2. The ablation: attention off / on, seeds 0-2, blur/JPEG at 0.3 / 0.3 (train_ablation.sh).
 bash experiments/train_ablation.sh data/faces runs/ablation
-$PY evaluate.py --compare runs/ablation --data data/faces --out runs/ablation/compare
+$PY experiments/compare.py runs/ablation --data data/faces --out runs/ablation/compare
 cp runs/ablation/compare/compare.json results/ablation.json
 cp runs/ablation/compare/compare.md results/ablation.md
 
 # 2a. The same ablation under train.py's defaults of today (the shipped model's augmentation:
 #     blur 0.6, JPEG 0.7, crops of 40-100 %; still 10 epochs).
 ABLATION_ARGS= bash experiments/train_ablation.sh data/faces runs/ablation-shipped-aug
-$PY evaluate.py --compare runs/ablation-shipped-aug --data data/faces --out runs/ablation-shipped-aug/compare
+$PY experiments/compare.py runs/ablation-shipped-aug --data data/faces --out runs/ablation-shipped-aug/compare
 cp runs/ablation-shipped-aug/compare/compare.json results/ablation-shipped-aug.json
 cp runs/ablation-shipped-aug/compare/compare.md results/ablation-shipped-aug.md
 
@@ -111,7 +111,7 @@ for a in off on; do
   fi
   $PY evaluate.py --checkpoint $out/best.pt --data data/faces --split val --robustness --out $out/eval-val
 done
-$PY evaluate.py --compare runs/shipped runs/shipped-attention-$other runs/shipped45-attention-{off,on}-seed1 \
+$PY experiments/compare.py runs/shipped runs/shipped-attention-$other runs/shipped45-attention-{off,on}-seed1 \
   --data data/faces --out runs/compare-e45
 cp runs/compare-e45/compare.json results/ablation-e45.json
 cp runs/compare-e45/compare.md results/ablation-e45.md

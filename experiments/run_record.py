@@ -1,13 +1,13 @@
 """Keep a finished run's outcome in results/: runs/ is not committed, and a session may start
 on a fresh machine. Adds (or replaces) the run's record in a JSON file (validation figures of
 its best epoch, cost, settings), copies its history.csv beside it, and writes its logits on
-val and test to predictions/<run>.csv.gz there, which is all evaluate.py --compare needs:
+val and test to predictions/<run>.csv.gz there, which is all experiments/compare.py needs:
 
     python experiments/run_record.py runs/att-v2/on-s0 --out results/attention-v2/runs.json
-    python evaluate.py --compare results/attention-v2/runs.json
+    python experiments/compare.py results/attention-v2/runs.json
 
 The record itself quotes validation only. The test logits are written here, unread: the test
-split is summed up once, by evaluate.py --compare, after the choice.
+split is summed up once, by experiments/compare.py, after the choice.
 """
 
 import argparse
@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from compare import run_outputs, save_outputs, score_run  # noqa: E402
+
 from common import atomic_write  # noqa: E402
-from evaluate import run_outputs, save_outputs, score_run  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -3,10 +3,10 @@
     python experiments/thresholds.py --checkpoint models/facecheck.pt --out results/thresholds.md
 
 Both rules sweep the threshold over the validation images clean and after each of
-common.THRESHOLD_PERTURBATIONS (what train.robust_threshold does at the end of training):
+common.THRESHOLD_PERTURBATIONS (what calibrate.robust_threshold does at the end of training):
 - per source: the mean accuracy over every (source, condition), the rule used until the shipped
   model; with three fake sources and two real ones the fakes outvote the reals;
-- per class (train.choose_threshold, the rule now): the two classes alike, each the mean of its
+- per class (calibrate.choose_threshold, the rule now): the two classes alike, each the mean of its
   (source, condition) groups.
 Also the plain 0.5 for reference. Reports accuracy, per-source accuracy and the worst condition.
 """
@@ -21,9 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from calibrate import scores_for_threshold, threshold_over_conditions  # noqa: E402
 from common import THRESHOLD_PERTURBATIONS, atomic_write, load_split  # noqa: E402
 from model import load_checkpoint  # noqa: E402
-from train import scores_for_threshold, threshold_over_conditions  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -20,7 +20,9 @@ class Captured(Exception):
 
 
 def parser_of(script, monkeypatch):
-    """The script's ArgumentParser, caught as parse_args is about to parse."""
+    """The script's ArgumentParser, caught as parse_args is about to parse. The script's folder
+    goes first on sys.path, as `python folder/script.py` puts it (experiments/ import each other)."""
+    monkeypatch.syspath_prepend(str((ROOT / script).parent))
     spec = importlib.util.spec_from_file_location(Path(script).stem + "_cli", ROOT / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,5 +1,7 @@
-"""evaluate.py: metrics on hand-made predictions, McNemar, perturbations, the per-source
-table, the comparison of the two tiny runs, and one-line errors on bad input."""
+"""evaluate.py: metrics on hand-made predictions, perturbations, the per-source table, the
+shortcut audits (who is called fake: demographics.py; face size and sharpness), one
+evaluation of a tiny run, and one-line errors on bad input (comparisons of runs:
+test_experiments.py)."""
 
 import csv
 import json
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 import common
+import demographics
 import evaluate
 
 
@@ -83,15 +86,6 @@ def test_metrics_imbalanced_and_one_class():
     json.dumps(one)  # JSON-ready
 
 
-def test_mcnemar_exact_known_values():
-    # b = 10, c = 2: p = 2 * P(X <= 2), X ~ Binomial(12, 1/2) = 2 * (1 + 12 + 66) / 4096.
-    assert evaluate.mcnemar_exact(10, 2) == pytest.approx(158 / 4096)
-    assert evaluate.mcnemar_exact(2, 10) == pytest.approx(158 / 4096)
-    assert evaluate.mcnemar_exact(5, 5) == pytest.approx(1.0)
-    assert evaluate.mcnemar_exact(0, 0) == 1.0
-    assert evaluate.mcnemar_exact(0, 6) == pytest.approx(2 / 64)
-
-
 def test_perturbations_keep_shape_dtype_and_change_pixels():
     g = torch.Generator().manual_seed(0)
     smooth = torch.linspace(40, 200, 32).view(1, 1, 1, 32).expand(4, 3, 32, 32)
@@ -137,6 +131,103 @@ def test_pick_examples_mixes_classes_deterministically():
     assert idx == evaluate.pick_examples(labels, 6) and len(set(idx)) == 6
     assert [labels[i] for i in idx] == [0, 1, 0, 1, 0, 1]
     assert len(evaluate.pick_examples([0, 0, 1], 8)) == 3  # never more than there are
+
+
+# ---------------------------------------------------------------- shortcut audits
+def test_demographic_labels_from_file_names():
+    labels = demographics.demographic_labels
+    # UTKFace: age_gender_race_date; the path before the name does not matter.
+    assert labels("utkface", "/raw/real/utkface/26_1_3_20170119.jpg") == {
+        "race": "Indian", "gender": "female", "age": "20-39"
+    }  # fmt: skip
+    assert labels("utkface", "12_0_0_2017.jpg")["age"] == "0-12"
+    assert labels("utkface", "13_0_1_2017.jpg") == {
+        "race": "Black",
+        "gender": "male",
+        "age": "13-19",
+    }
+    assert labels("utkface", "60_1_4_2017.jpg")["age"] == "60+"
+    assert labels("utkface", "59_1_2_2017.jpg")["age"] == "40-59"
+    assert labels("utkface", "39_1_20170116174525125.jpg") == {}  # race missing: no guess
+    # All-Age-Faces: serial + age; serials below 07381 are women.
+    assert labels("allagefaces", "x/07380A02.jpg") == {"gender": "female", "age": "0-12"}
+    assert labels("allagefaces", "07381A45.jpg") == {"gender": "male", "age": "40-59"}
+    # Only the sources whose names carry labels: the same pattern elsewhere means nothing.
+    assert labels("lfw", "26_1_3_20170119.jpg") == {} and labels("ffhq", "07381A45.jpg") == {}
+
+
+def test_called_real_by_group_on_hand_made_rows():
+    def row(source, original, label="real"):
+        return {"source": source, "original": original, "label": label}
+
+    # 20 White women (utkface, age 30): 15 called real; 20 Black men (age 30): all called real;
+    # 3 Asian women (age 70), called fake: too few for the gap; allagefaces women (age 5) and
+    # fakes and unlabelled reals, which must not count.
+    rows = [row("utkface", f"30_1_0_{i}.jpg") for i in range(20)]
+    rows += [row("utkface", f"30_0_1_{i}.jpg") for i in range(20)]
+    rows += [row("utkface", f"70_1_2_{i}.jpg") for i in range(3)]
+    rows += [row("allagefaces", f"{i:05d}A05.jpg") for i in range(20)]
+    rows += [row("lfw", "a.jpg"), row("ganA", "30_1_0_9.jpg", "fake")]
+    prob = [0.2] * 15 + [0.9] * 5 + [0.1] * 20 + [0.95] * 3 + [0.3] * 10 + [0.6] * 10 + [0.99, 0.0]
+    d = demographics.called_real_by_group(rows, prob, threshold=0.5, band=[0.25, 0.8], min_n=20)
+    got = {(g["attribute"], g["group"]): g for g in d["groups"]}
+    assert d["n_labelled"] == 63
+    assert got["race", "White"]["called_real"] == pytest.approx(0.75)
+    assert got["race", "White"]["called_fake_confidently"] == pytest.approx(0.25)  # 0.9 >= 0.8
+    assert got["race", "Black"]["called_real"] == 1.0 and got["race", "Asian"]["n"] == 3
+    races = [g for g in d["groups"] if g["attribute"] == "race"]
+    assert all(g["sources"] == {"utkface": g["n"]} for g in races)  # only UTKFace says race
+    # Gender pools both sources: 20 + 3 utkface women and 20 allagefaces women.
+    women = got["gender", "female"]
+    assert women["sources"] == {"allagefaces": 20, "utkface": 23}
+    assert women["called_real"] == pytest.approx((15 + 10) / 43)
+    # 0.6 is above the threshold but inside the band: called fake, not confidently.
+    assert got["age", "0-12"]["called_fake_confidently"] == 0.0
+    assert [value for attribute, value in got if attribute == "age"] == ["0-12", "20-39", "60+"]
+    # The gap: best minus worst over groups of >= 20, the 3 Asian faces (0 called real) left out.
+    assert d["gap"]["gap"] == pytest.approx(1.0 - 0.5)
+    assert d["gap"]["best"] in {"race Black", "gender male"} and d["gap"]["worst"] == "age 0-12"
+    assert "race Asian" not in d["gap"]["over"] and "age 60+" not in d["gap"]["over"]
+    assert d["gap_per_attribute"]["race"] == pytest.approx(0.25)
+    # A smaller minimum lets the 3 Asian faces make the gap; no band, no confident share.
+    small = demographics.called_real_by_group(rows, prob, 0.5, min_n=3)
+    assert small["gap"]["worst"] in {"race Asian", "age 60+"} and small["gap"]["gap"] == 1.0
+    assert "called_fake_confidently" not in small["groups"][0]
+    assert demographics.called_real_by_group(rows[-2:], prob[-2:], 0.5) is None
+
+
+def test_sharpness_is_the_variance_of_the_laplacian():
+    # One bright pixel of 9 (all channels) on black: the valid 3x3 Laplacian is -36 at it,
+    # 9 at its four neighbours, 0 elsewhere: mean 0, variance (36^2 + 4 * 9^2) / 9 = 180.
+    dot = torch.zeros(1, 3, 5, 5, dtype=torch.uint8)
+    dot[..., 2, 2] = 9
+    assert evaluate.sharpness(dot)[0] == pytest.approx(180)
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randint(0, 256, (3, 3, 32, 32), generator=g, dtype=torch.uint8)
+    soft = common.blur(noisy, sigma=1.5)
+    flat = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
+    s = evaluate.sharpness(torch.cat([noisy, soft, flat]), batch_size=2)  # batches agree
+    assert all(s[:3] > 10 * s[3:6]) and s[6] == 0
+
+
+def test_shortcut_check_sees_a_score_that_follows_the_measure():
+    # Fakes get more fake as the measure grows, reals do not follow it; the measure alone
+    # separates the classes perfectly (every fake is larger than every real).
+    measure = np.r_[np.arange(10, 20), np.arange(30, 40)]
+    labels = np.r_[np.zeros(10, int), np.ones(10, int)]
+    prob = np.r_[[0.3, 0.1] * 5, np.linspace(0.2, 0.9, 10)]
+    c = evaluate.shortcut_check(measure, labels, prob, threshold=0.5, n_bins=4)
+    assert c["alone_roc_auc"] == 1.0 and c["spearman"]["fake"] == pytest.approx(1.0)
+    assert abs(c["spearman"]["real"]) < 0.3
+    assert len(c["bins"]) == 4 and c["bins"][0]["low"] == 10 and c["bins"][-1]["high"] == 39
+    assert sum(b[k]["n"] for b in c["bins"] for k in ("real", "fake")) == 20
+    assert c["bins"][0]["fake"]["n"] == 0 and c["bins"][0]["fake"]["mean_prob_fake"] is None
+    top = c["bins"][-1]["fake"]
+    assert top["n"] == 5 and top["called_fake"] == pytest.approx(np.mean(prob[15:] >= 0.5))
+    # A constant measure: one bin, no correlation, chance-level separation.
+    flat = evaluate.shortcut_check(np.ones(20), labels, prob, threshold=0.5)
+    assert len(flat["bins"]) == 1 and flat["spearman"] == {"real": None, "fake": None}
+    assert flat["alone_roc_auc"] == 0.5
 
 
 # ---------------------------------------------------------------- on the tiny runs
@@ -185,6 +276,63 @@ def test_evaluate_run_writes_everything(tiny_runs, prepared, tmp_path, capsys):
     assert report["metrics"] == m
 
 
+def test_evaluate_audits_who_is_called_fake(tiny_runs, prepared, tmp_path, capsys):
+    # The tiny set's real sources renamed as the two labelled ones, their originals given
+    # labelled names: the audit must find them, count them and agree with predictions.csv.
+    from common import read_manifest, write_csv
+
+    data = tmp_path / "labelled"
+    data.mkdir()
+    (data / "images").symlink_to(prepared / "images")
+    rows = read_manifest(prepared)
+    fields = [k for k in rows[0] if k != "file"]
+    for i, r in enumerate(rows):
+        if r["source"] == "camera":
+            r["source"], r["original"] = "utkface", f"/raw/{(i % 5) * 15 + 5}_{i % 2}_{i % 5}_1.jpg"
+        elif r["source"] == "people":
+            r["source"], r["original"] = (
+                "allagefaces",
+                f"/raw/{i * 97 % 9000:05d}A{i % 70 + 2:02d}.jpg",
+            )
+    write_csv(data / "manifest.csv", [{k: r[k] for k in fields} for r in rows], fields)
+    out = tmp_path / "eval"
+    report = evaluate.main(["--checkpoint", str(tiny_runs["off"]), "--data", str(data),
+                            "--out", str(out), "--device", "cpu", "--min-group", "3"])  # fmt: skip
+    for name in ("demographics.png", "size_sharpness.png"):
+        assert (out / name).stat().st_size > 0, name
+    d = report["metrics"]["demographics"]
+    test_rows = [r for r in rows if r["split"] == "test"]
+    reals = [r for r in test_rows if r["label"] == "real"]
+    assert d["n_labelled"] == len(reals) and d["min_n"] == 3
+    by_attribute = {}
+    for g in d["groups"]:
+        by_attribute[g["attribute"]] = by_attribute.get(g["attribute"], 0) + g["n"]
+    n_utk = sum(r["source"] == "utkface" for r in reals)
+    assert by_attribute == {"race": n_utk, "gender": len(reals), "age": len(reals)}
+    with open(out / "predictions.csv") as f:
+        called = {p["path"]: p["pred"] == "real" for p in csv.DictReader(f)}
+    women = [r for r in reals if demographics.demographic_labels(r["source"], r["original"])
+             .get("gender") == "female"]  # fmt: skip
+    female = next(g for g in d["groups"] if g["group"] == "female")
+    assert female["called_real"] == pytest.approx(np.mean([called[r["path"]] for r in women]))
+    shares = [g["called_real"] for g in d["groups"] if g["n"] >= 3]
+    assert report["metrics"]["demographic_gap"] == pytest.approx(max(shares) - min(shares))
+    checks = report["metrics"]["size_and_sharpness"]
+    for name in ("face_px", "sharpness"):
+        assert sum(b[k]["n"] for b in checks[name]["bins"] for k in ("real", "fake")) == len(
+            test_rows
+        )
+    text = capsys.readouterr().out
+    assert "demographic gap" in text and "called real per group" in text
+    assert "Spearman of prob_fake with sharpness" in text
+    # The tiny set as prepared carries no labels: said so, no plot.
+    plain = evaluate.main(["--checkpoint", str(tiny_runs["off"]), "--data", str(prepared),
+                           "--out", str(tmp_path / "plain"), "--device", "cpu"])  # fmt: skip
+    assert plain["metrics"]["demographics"] is None and plain["metrics"]["demographic_gap"] is None
+    assert not (tmp_path / "plain" / "demographics.png").exists()
+    assert "demographic gap: n/a (no real face" in capsys.readouterr().out
+
+
 def test_explain_maps_are_normalised(tiny_runs, prepared):
     from common import load_split
     from model import load_checkpoint
@@ -197,67 +345,6 @@ def test_explain_maps_are_normalised(tiny_runs, prepared):
         for m in maps.values():
             assert m.shape == (3, *images.shape[-2:]) and m.min() >= 0 and m.max() <= 1
         assert all(p.grad is None for p in model.parameters())  # no gradients left behind
-
-
-def test_compare_tiny_runs(tiny_runs, prepared, tmp_path, capsys):
-    out = tmp_path / "cmp"
-    evaluate.main([
-        "--compare", str(tiny_runs["off"]), str(tiny_runs["on"]), "--out", str(out),
-        "--device", "cpu",
-    ])  # fmt: skip
-    result = json.loads((out / "compare.json").read_text())
-    assert (out / "compare.md").read_text().startswith("| run | attention |")
-    runs = {r["attention"]: r for r in result["runs"]}
-    assert set(runs) == {"on", "off"}
-    for r in runs.values():
-        for key in ("seed", "params", "flops", "epochs", "train_seconds", "val_loss",
-                    "val_accuracy", "val_f1", "test_accuracy", "test_f1", "test_auc"):  # fmt: skip
-            assert r[key] is not None, key
-        assert r["epochs"] == 2 and r["seed"] == 0
-    assert runs["on"]["params"] > runs["off"]["params"]  # the attention layer costs parameters
-    assert runs["on"]["flops"] > runs["off"]["flops"]
-    for split in ("val", "test"):
-        (pair,) = result["mcnemar"][split]["pairs"]
-        assert pair["seed"] == 0 and pair["b"] + pair["c"] <= pair["n"]
-        assert pair["p_value"] == pytest.approx(evaluate.mcnemar_exact(pair["b"], pair["c"]))
-        assert result["mcnemar"][split]["pooled"]["b"] == pair["b"]
-    # b - c is the accuracy gap in images: McNemar and the accuracies tell one story.
-    val_pair = result["mcnemar"]["val"]["pairs"][0]
-    gap = runs["on"]["val_accuracy"] - runs["off"]["val_accuracy"]
-    assert val_pair["b"] - val_pair["c"] == round(gap * val_pair["n"])
-    # test_accuracy matches a single-run evaluation of the same checkpoint.
-    single = evaluate.main([
-        "--checkpoint", str(tiny_runs["off"]), "--data", str(prepared), "--out", str(tmp_path / "e"),
-        "--device", "cpu",
-    ])  # fmt: skip
-    assert runs["off"]["test_accuracy"] == pytest.approx(single["metrics"]["accuracy"])
-    # Per source too: the same faces as the single evaluation's shortcut audit, which reads
-    # the source from the manifest, not from the crop's folder.
-    per_source = runs["off"]["test_per_source"]
-    assert {s["source"]: (s["n"], pytest.approx(s["accuracy"])) for s in single["per_source"]} == {
-        name: (s["n"], s["accuracy"]) for name, s in per_source.items()
-    }
-    # One run per arm: its arm's per-source mean is that run's, with no std.
-    arm_off = result["arms"]["off"]["test_per_source"]
-    assert {k: (v["mean"], v["std"]) for k, v in arm_off.items()} == {
-        k: (v["accuracy"], None) for k, v in per_source.items()
-    }
-    assert "McNemar" in capsys.readouterr().out
-    # A folder holding several runs is expanded; one run per arm gives no mean +- std table.
-    parent = tmp_path / "runs"
-    for arm, seed in (("on", 0), ("off", 0), ("on", 1)):
-        shutil.copytree(tiny_runs[arm], parent / f"{arm}-s{seed}")
-    three = evaluate.compare_runs([parent], data=str(prepared))
-    assert len(three["runs"]) == 3 and three["arms"]["on"]["n_runs"] == 2
-    assert len(three["mcnemar"]["val"]["pairs"]) == 1  # one "off" run to pair with
-    text = evaluate.compare_markdown(three)
-    assert "± " in text and "| on (stage 2) |" in text and "train min" in text
-    assert "Accuracy per source, val split" in text
-    on_val = three["arms"]["on"]["val_per_source"]
-    runs_on = [r for r in three["runs"] if r["attention"] == "on"]
-    for name, s in on_val.items():  # the mean over the arm's two runs
-        accs = [r["val_per_source"][name]["accuracy"] for r in runs_on]
-        assert s["mean"] == pytest.approx(sum(accs) / 2) and s["std"] is not None
 
 
 def test_default_checkpoint_is_lowest_val_loss(tiny_runs, tmp_path, prepared):
@@ -293,7 +380,6 @@ def test_missing_checkpoint_and_runs(tmp_path, prepared):
     assert "no such file" in msg
     one_line_error(["--checkpoint", str(tmp_path / "no-run-dir"), "--data", str(prepared)])
     assert "no run" in one_line_error(["--runs", str(tmp_path / "empty")])
-    one_line_error(["--compare", str(tmp_path / "nothing-here")])
 
 
 def test_missing_data_folder(tiny_runs, tmp_path):
@@ -317,7 +403,6 @@ def test_pickle_payload_is_refused_not_run(tmp_path, prepared):
     bad.parent.mkdir()
     torch.save({"format": "facecheck", "model": Payload(marker)}, bad)
     assert "refused" in one_line_error(["--checkpoint", str(bad), "--data", str(prepared)])
-    one_line_error(["--compare", str(bad.parent)])
     with pytest.raises(SystemExit):
         evaluate.find_best_run(tmp_path)  # skipped as a candidate, not loaded with pickle
     assert not marker.exists()
@@ -338,83 +423,3 @@ def test_empty_split(tiny_runs, prepared, tmp_path):
     (data / "manifest.csv").write_text("".join(x for x in lines if ",test," not in x))
     msg = one_line_error(["--checkpoint", str(tiny_runs["off"]), "--data", str(data)])
     assert "no images" in msg
-
-
-def test_lofo_flag_errors(tmp_path, tiny_runs):
-    (tmp_path / "bad.json").write_text('{"not": "lofo"}')
-    both = [str(tmp_path / "missing.json"), str(tmp_path / "bad.json")]
-    assert "goes with --compare" in one_line_error(["--lofo", *both])
-    for files in (both, [both[1], both[1]]):
-        msg = one_line_error(["--compare", str(tiny_runs["off"]), "--lofo", *files])
-        assert "not experiments/lofo.py results" in msg
-
-
-def test_verdict_rule():
-    def result(on_acc, off_acc, pairs, p, lofo=None):
-        arm = lambda acc: {"val_accuracy": {"mean": acc, "std": 0.01}}  # noqa: E731
-        b, c = sum(b for b, _ in pairs), sum(c for _, c in pairs)
-        return {
-            "arms": {"on": arm(on_acc), "off": arm(off_acc)},
-            "mcnemar": {
-                "val": {
-                    "pairs": [{"b": b, "c": c} for b, c in pairs],
-                    "pooled": {"b": b, "c": c, "p_value": p},
-                }
-            },
-            **({"lofo": lofo} if lofo else {}),
-        }
-
-    def lofo(mean_on, mean_off, worst_on=0.5, worst_off=0.5):
-        return {"sources": {"x": {}}, "mean_on": mean_on, "mean_off": mean_off,
-                "worst_real_on": worst_on, "worst_real_off": worst_off}  # fmt: skip
-
-    ahead = [(30, 5), (25, 6), (20, 10)]
-    same = lofo(0.7, 0.7)
-    # Route A: >= 1 point, ahead in 2 of 3 pairs, p < 0.05, and leave-one-out no worse.
-    assert evaluate.verdict(result(0.92, 0.90, ahead, 1e-6, same)).startswith("attention helps")
-    # Without leave-one-out, a validation lead alone decides nothing.
-    assert evaluate.verdict(result(0.92, 0.90, ahead, 1e-6)).startswith("undecided")
-    # Under a point, not significant, ahead in too few pairs, or worse when held out: off ships.
-    for r in (
-        result(0.905, 0.90, ahead, 1e-6, same),
-        result(0.92, 0.90, ahead, 0.2, same),
-        result(0.92, 0.90, [(40, 5), (5, 6), (5, 6)], 1e-6, same),  # pooled b > c, 1 of 3 ahead
-        result(0.92, 0.90, ahead, 1e-6, lofo(0.6, 0.7)),
-        result(0.92, 0.90, ahead, 1e-6, lofo(0.7, 0.7, worst_on=0.1, worst_off=0.3)),
-    ):
-        assert evaluate.verdict(r).startswith("no gain that pays"), r
-    # Route B: level on validation, 5 points better on sources it never saw.
-    assert evaluate.verdict(result(0.902, 0.90, [(10, 9)], 0.9, lofo(0.76, 0.70))).startswith(
-        "attention helps"
-    )
-    assert evaluate.verdict(result(0.902, 0.90, [(10, 9)], 0.9, lofo(0.73, 0.70))).startswith(
-        "no gain"
-    )
-    empty = {"arms": {}, "mcnemar": {"val": {"pairs": [], "pooled": None}}}
-    assert evaluate.verdict(empty).startswith("undecided")
-
-
-def test_lofo_comparison_pairs_the_sources_both_arms_held_out():
-    on = [{"held_out": "a", "label": "real", "unseen_accuracy": 0.6},
-          {"held_out": "b", "label": "fake", "unseen_accuracy": 0.9},
-          {"held_out": "c", "label": "real", "unseen_accuracy": 0.1}]  # fmt: skip
-    off = [{"held_out": "a", "label": "real", "unseen_accuracy": 0.4},
-           {"held_out": "b", "label": "fake", "unseen_accuracy": 0.8}]  # fmt: skip
-    got = evaluate.lofo_comparison(on, off)
-    assert set(got["sources"]) == {"a", "b"}  # c was held out by one arm only
-    assert got["mean_on"] == pytest.approx(0.75) and got["mean_off"] == pytest.approx(0.6)
-    assert got["worst_real_on"] == 0.6 and got["worst_real_off"] == 0.4
-
-
-def test_run_facts_training_time_is_the_whole_schedule(tmp_path):
-    # best.pt keeps the time up to its own epoch; the cost of a run is every epoch it ran.
-    (tmp_path / "history.csv").write_text(
-        "epoch,lr,train_loss,train_acc,val_loss,val_acc,seconds,images_per_s\n"
-        "1,0.1,0.6,0.6,0.5,0.7,10.0,5\n2,0.1,0.5,0.7,0.6,0.6,12.5,5\n"
-    )
-    ckpt = {"config": {"attention": False}, "train_args": {"seed": 3}, "params": 7,
-            "flops": 9, "epoch": 1, "train_seconds": 10.0, "threshold": 0.5}  # fmt: skip
-    facts = evaluate.run_facts(None, ckpt, tmp_path)
-    assert facts["epochs"] == 2 and facts["best_epoch"] == 1 and facts["seed"] == 3
-    assert facts["train_seconds"] == pytest.approx(22.5)
-    assert facts["seconds_to_best"] == pytest.approx(10.0)

@@ -1,16 +1,190 @@
-"""experiments/: the attention-vs-saliency figure on the two tiny runs, the leave-one-out table."""
+"""experiments/: the comparison of runs (compare.py: McNemar, the verdict rule, recorded runs),
+the attention-vs-saliency figure on the two tiny runs, the leave-one-out table."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 from PIL import Image
 
+import evaluate
+
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import compare  # noqa: E402
 
+
+# ---------------------------------------------------------------- experiments/compare.py
+def test_mcnemar_exact_known_values():
+    # b = 10, c = 2: p = 2 * P(X <= 2), X ~ Binomial(12, 1/2) = 2 * (1 + 12 + 66) / 4096.
+    assert compare.mcnemar_exact(10, 2) == pytest.approx(158 / 4096)
+    assert compare.mcnemar_exact(2, 10) == pytest.approx(158 / 4096)
+    assert compare.mcnemar_exact(5, 5) == pytest.approx(1.0)
+    assert compare.mcnemar_exact(0, 0) == 1.0
+    assert compare.mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+
+
+def test_compare_tiny_runs(tiny_runs, prepared, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    compare.main(
+        [str(tiny_runs["off"]), str(tiny_runs["on"]), "--out", str(out), "--device", "cpu"]
+    )
+    result = json.loads((out / "compare.json").read_text())
+    assert (out / "compare.md").read_text().startswith("| run | attention |")
+    runs = {r["attention"]: r for r in result["runs"]}
+    assert set(runs) == {"on", "off"}
+    for r in runs.values():
+        for key in ("seed", "params", "flops", "epochs", "train_seconds", "val_loss",
+                    "val_accuracy", "val_f1", "test_accuracy", "test_f1", "test_auc"):  # fmt: skip
+            assert r[key] is not None, key
+        assert r["epochs"] == 2 and r["seed"] == 0
+    assert runs["on"]["params"] > runs["off"]["params"]  # the attention layer costs parameters
+    assert runs["on"]["flops"] > runs["off"]["flops"]
+    for split in ("val", "test"):
+        (pair,) = result["mcnemar"][split]["pairs"]
+        assert pair["seed"] == 0 and pair["b"] + pair["c"] <= pair["n"]
+        assert pair["p_value"] == pytest.approx(compare.mcnemar_exact(pair["b"], pair["c"]))
+        assert result["mcnemar"][split]["pooled"]["b"] == pair["b"]
+    # b - c is the accuracy gap in images: McNemar and the accuracies tell one story.
+    val_pair = result["mcnemar"]["val"]["pairs"][0]
+    gap = runs["on"]["val_accuracy"] - runs["off"]["val_accuracy"]
+    assert val_pair["b"] - val_pair["c"] == round(gap * val_pair["n"])
+    # test_accuracy matches a single-run evaluation of the same checkpoint.
+    single = evaluate.main([
+        "--checkpoint", str(tiny_runs["off"]), "--data", str(prepared), "--out", str(tmp_path / "e"),
+        "--device", "cpu",
+    ])  # fmt: skip
+    assert runs["off"]["test_accuracy"] == pytest.approx(single["metrics"]["accuracy"])
+    # Per source too: the same faces as the single evaluation's shortcut audit, which reads
+    # the source from the manifest, not from the crop's folder.
+    per_source = runs["off"]["test_per_source"]
+    assert {s["source"]: (s["n"], pytest.approx(s["accuracy"])) for s in single["per_source"]} == {
+        name: (s["n"], s["accuracy"]) for name, s in per_source.items()
+    }
+    # One run per arm: its arm's per-source mean is that run's, with no std.
+    arm_off = result["arms"]["off"]["test_per_source"]
+    assert {k: (v["mean"], v["std"]) for k, v in arm_off.items()} == {
+        k: (v["accuracy"], None) for k, v in per_source.items()
+    }
+    assert "McNemar" in capsys.readouterr().out
+    # A folder holding several runs is expanded; one run per arm gives no mean +- std table.
+    parent = tmp_path / "runs"
+    for arm, seed in (("on", 0), ("off", 0), ("on", 1)):
+        shutil.copytree(tiny_runs[arm], parent / f"{arm}-s{seed}")
+    three = compare.compare_runs([parent], data=str(prepared))
+    assert len(three["runs"]) == 3 and three["arms"]["on"]["n_runs"] == 2
+    assert len(three["mcnemar"]["val"]["pairs"]) == 1  # one "off" run to pair with
+    text = compare.compare_markdown(three)
+    assert "± " in text and "| on (stage 2) |" in text and "train min" in text
+    assert "Accuracy per source, val split" in text
+    on_val = three["arms"]["on"]["val_per_source"]
+    runs_on = [r for r in three["runs"] if r["attention"] == "on"]
+    for name, s in on_val.items():  # the mean over the arm's two runs
+        accs = [r["val_per_source"][name]["accuracy"] for r in runs_on]
+        assert s["mean"] == pytest.approx(sum(accs) / 2) and s["std"] is not None
+
+
+def one_line_error(argv):
+    with pytest.raises(SystemExit) as exc:
+        compare.main(argv)
+    message = str(exc.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_compare_errors_in_one_line(tmp_path, tiny_runs):
+    assert "no best.pt" in one_line_error([str(tmp_path / "nothing-here"), "--device", "cpu"])
+    (tmp_path / "bad.json").write_text('{"not": "lofo"}')
+    both = [str(tmp_path / "missing.json"), str(tmp_path / "bad.json")]
+    for files in (both, [both[1], both[1]]):
+        msg = one_line_error([str(tiny_runs["off"]), "--lofo", *files])
+        assert "not experiments/lofo.py results" in msg
+    # A checkpoint that would run code when unpickled is refused, not loaded.
+    from test_evaluate import Payload
+
+    marker = tmp_path / "PWNED"
+    (tmp_path / "evil").mkdir()
+    torch.save({"format": "facecheck", "model": Payload(marker)}, tmp_path / "evil" / "best.pt")
+    assert "refused" in one_line_error([str(tmp_path / "evil"), "--device", "cpu"])
+    assert not marker.exists()
+
+
+def test_verdict_rule():
+    def result(on_acc, off_acc, pairs, p, lofo=None):
+        arm = lambda acc: {"val_accuracy": {"mean": acc, "std": 0.01}}  # noqa: E731
+        b, c = sum(b for b, _ in pairs), sum(c for _, c in pairs)
+        return {
+            "arms": {"on": arm(on_acc), "off": arm(off_acc)},
+            "mcnemar": {
+                "val": {
+                    "pairs": [{"b": b, "c": c} for b, c in pairs],
+                    "pooled": {"b": b, "c": c, "p_value": p},
+                }
+            },
+            **({"lofo": lofo} if lofo else {}),
+        }
+
+    def lofo(mean_on, mean_off, worst_on=0.5, worst_off=0.5):
+        return {"sources": {"x": {}}, "mean_on": mean_on, "mean_off": mean_off,
+                "worst_real_on": worst_on, "worst_real_off": worst_off}  # fmt: skip
+
+    ahead = [(30, 5), (25, 6), (20, 10)]
+    same = lofo(0.7, 0.7)
+    # Route A: >= 1 point, ahead in 2 of 3 pairs, p < 0.05, and leave-one-out no worse.
+    assert compare.verdict(result(0.92, 0.90, ahead, 1e-6, same)).startswith("attention helps")
+    # Without leave-one-out, a validation lead alone decides nothing.
+    assert compare.verdict(result(0.92, 0.90, ahead, 1e-6)).startswith("undecided")
+    # Under a point, not significant, ahead in too few pairs, or worse when held out: off ships.
+    for r in (
+        result(0.905, 0.90, ahead, 1e-6, same),
+        result(0.92, 0.90, ahead, 0.2, same),
+        result(0.92, 0.90, [(40, 5), (5, 6), (5, 6)], 1e-6, same),  # pooled b > c, 1 of 3 ahead
+        result(0.92, 0.90, ahead, 1e-6, lofo(0.6, 0.7)),
+        result(0.92, 0.90, ahead, 1e-6, lofo(0.7, 0.7, worst_on=0.1, worst_off=0.3)),
+    ):
+        assert compare.verdict(r).startswith("no gain that pays"), r
+    # Route B: level on validation, 5 points better on sources it never saw.
+    assert compare.verdict(result(0.902, 0.90, [(10, 9)], 0.9, lofo(0.76, 0.70))).startswith(
+        "attention helps"
+    )
+    assert compare.verdict(result(0.902, 0.90, [(10, 9)], 0.9, lofo(0.73, 0.70))).startswith(
+        "no gain"
+    )
+    empty = {"arms": {}, "mcnemar": {"val": {"pairs": [], "pooled": None}}}
+    assert compare.verdict(empty).startswith("undecided")
+
+
+def test_lofo_comparison_pairs_the_sources_both_arms_held_out():
+    on = [{"held_out": "a", "label": "real", "unseen_accuracy": 0.6},
+          {"held_out": "b", "label": "fake", "unseen_accuracy": 0.9},
+          {"held_out": "c", "label": "real", "unseen_accuracy": 0.1}]  # fmt: skip
+    off = [{"held_out": "a", "label": "real", "unseen_accuracy": 0.4},
+           {"held_out": "b", "label": "fake", "unseen_accuracy": 0.8}]  # fmt: skip
+    got = compare.lofo_comparison(on, off)
+    assert set(got["sources"]) == {"a", "b"}  # c was held out by one arm only
+    assert got["mean_on"] == pytest.approx(0.75) and got["mean_off"] == pytest.approx(0.6)
+    assert got["worst_real_on"] == 0.6 and got["worst_real_off"] == 0.4
+
+
+def test_run_facts_training_time_is_the_whole_schedule(tmp_path):
+    # best.pt keeps the time up to its own epoch; the cost of a run is every epoch it ran.
+    (tmp_path / "history.csv").write_text(
+        "epoch,lr,train_loss,train_acc,val_loss,val_acc,seconds,images_per_s\n"
+        "1,0.1,0.6,0.6,0.5,0.7,10.0,5\n2,0.1,0.5,0.7,0.6,0.6,12.5,5\n"
+    )
+    ckpt = {"config": {"attention": False}, "train_args": {"seed": 3}, "params": 7,
+            "flops": 9, "epoch": 1, "train_seconds": 10.0, "threshold": 0.5}  # fmt: skip
+    facts = compare.run_facts(None, ckpt, tmp_path)
+    assert facts["epochs"] == 2 and facts["best_epoch"] == 1 and facts["seed"] == 3
+    assert facts["train_seconds"] == pytest.approx(22.5)
+    assert facts["seconds_to_best"] == pytest.approx(10.0)
+
+
+# ---------------------------------------------------------------- the other experiments
 def test_attention_figure_shows_both_arms_on_the_same_faces(tiny_runs, prepared, tmp_path, capsys):
     import attention_figure
 
@@ -28,8 +202,6 @@ def test_attention_figure_shows_both_arms_on_the_same_faces(tiny_runs, prepared,
     assert not (tmp_path / "no.png").exists()
     # A run trained on the same faces prepared again (another manifest hash) is drawn, with a
     # warning; two runs that would be scored on different datasets are refused.
-    import torch
-
     again = tmp_path / "again"
     again.mkdir()
     ckpt = torch.load(tiny_runs["off"] / "best.pt", weights_only=True)
@@ -74,6 +246,15 @@ def test_lofo_table_lists_reals_first_worst_first(tmp_path, capsys):
     lines = (tmp_path / "t.md").read_text().splitlines()[2:]
     assert [ln.split(" | ")[0] for ln in lines] == ["| a", "| b", "| g"]
     assert lines[0].endswith("| 0.950 |") and lines[1].endswith("| - |")
+    # A held-out source with the demographic audit gets its groups in a second table.
+    groups = [{"attribute": "race", "group": "White", "n": 30, "called_real": 0.6},
+              {"attribute": "race", "group": "Black", "n": 25, "called_real": 0.9},
+              {"attribute": "race", "group": "Other", "n": 4, "called_real": 0.0}]  # fmt: skip
+    gap = {"gap": 0.3, "best": "race Black", "worst": "race White"}
+    runs[1]["demographics"] = {"min_n": 20, "groups": groups, "gap": gap}
+    text = lofo_table.table(runs, {})
+    assert "| b | race | White | 30 | 0.600 |" in text and "| b | race | Other | 4 (few) |" in text
+    assert "| b | gap, groups of >= 20 | race Black - race White | | 0.300 |" in text
 
 
 def test_experiment_scripts_parse():
@@ -86,7 +267,6 @@ def test_experiment_scripts_parse():
 
 def test_run_record_keeps_each_run_once_with_its_history(tiny_runs, tmp_path):
     import run_record
-    import torch
 
     out = tmp_path / "results" / "runs.json"
     out.parent.mkdir()
@@ -110,12 +290,10 @@ def test_recorded_runs_compare_exactly_as_their_checkpoints(tiny_runs, prepared,
     # be the one from the checkpoints, to the last digit.
     import run_record
 
-    import evaluate
-
     out = tmp_path / "results" / "runs.json"
     run_record.main([str(tiny_runs["off"]), str(tiny_runs["on"]), "--out", str(out)])
-    from_ckpts = evaluate.compare_runs([tiny_runs["off"], tiny_runs["on"]], data=prepared)
-    from_records = evaluate.compare_runs([out])
+    from_ckpts = compare.compare_runs([tiny_runs["off"], tiny_runs["on"]], data=prepared)
+    from_records = compare.compare_runs([out])
     for a, b in zip(from_ckpts["runs"], from_records["runs"], strict=True):
         keys = ("val_loss", "val_accuracy", "val_f1", "test_loss", "test_accuracy", "test_auc")
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
@@ -127,7 +305,7 @@ def test_recorded_runs_compare_exactly_as_their_checkpoints(tiny_runs, prepared,
     del records["attention-on"]["predictions"]
     out.write_text(json.dumps(records))
     with pytest.raises(SystemExit, match="attention-on recorded without predictions"):
-        evaluate.compare_runs([out])
+        compare.compare_runs([out])
 
 
 def test_run_record_takes_a_dataset_prepared_again_but_not_another_split(
@@ -165,9 +343,7 @@ def test_run_record_takes_a_dataset_prepared_again_but_not_another_split(
     r = json.loads(out.read_text())["attention-off"]
     assert r["manifest_sha256"] != r["trained_manifest_sha256"]
     # Runs recorded on either copy still pair up: the same faces, another manifest hash.
-    import evaluate
-
     run_record.main([str(tiny_runs["on"]), "--out", str(out)])
-    assert len(evaluate.compare_runs([out])["mcnemar"]["val"]["pairs"]) == 1
+    assert len(compare.compare_runs([out])["mcnemar"]["val"]["pairs"]) == 1
     with pytest.raises(SystemExit, match="not the dataset it was trained on"):
         run_record.main([str(tiny_runs["off"]), "--out", str(out), "--data", str(copy_with(moved))])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -144,7 +145,7 @@ def test_fp16_keeps_attention_in_fp32(exported, tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_trtexec_fp32_layer_list_names_the_score_path(stage):
-    """The trtexec FP16 recipe (export.py's help, the README) pins attention layers to FP32 by
+    """The trtexec FP16 recipe (export.py's help, the README or docs/) pins attention layers to FP32 by
     name: every MatMul and Softmax of the layer and every Mul that feeds its softmax (the
     exporter splits the 1/sqrt(d) scale over q and k), no more and none missing."""
 
@@ -153,7 +154,9 @@ def test_trtexec_fp32_layer_list_names_the_score_path(stage):
         return {item.split(":")[0] for item in line.split("attn=")[1].split(",")}
 
     documented = layer_list(export.__doc__)
-    assert layer_list((ROOT / "README.md").read_text()) == documented
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    recipes = [p.read_text() for p in docs if p.is_file() and "attn=attention/" in p.read_text()]
+    assert recipes and all(layer_list(text) == documented for text in recipes)
     torch.manual_seed(0)
     model = FaceCheckNet({"image_size": SIZE, "attention": True, "attention_stage": stage})
     nodes = [n for n in export.to_onnx(model.eval(), SIZE).graph.node if export.is_attention(n)]
@@ -241,6 +244,30 @@ def test_tensorrt_absent_is_a_clear_exit_2(tiny_runs, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_tensorrt_absent_on_the_device_does_not_say_build_on_the_device(
+    monkeypatch, tmp_path, capsys
+):
+    # --from-onnx is the command a device runs: "build the engine on the device" is no advice there.
+    monkeypatch.setattr(export, "tensorrt_problem", lambda: "the tensorrt package is not installed")
+    shutil.copyfile(ROOT / "models" / "facecheck.onnx", tmp_path / "m.onnx")
+    rc = export.main(["--from-onnx", "--out", str(tmp_path / "m.onnx"), "--tensorrt"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "on the device" not in err and "docs/edge.md" in err
+
+
+def test_cuda_python_without_a_driver_is_one_line():
+    # cuda-python raises instead of returning an error code when libcuda.so.1 cannot be loaded.
+    import backends
+
+    class NoDriver:
+        def cudaGetDeviceCount(self):
+            raise RuntimeError("Failed to dlopen libcuda.so.1\nmore detail")
+
+    with pytest.raises(backends.ModelError, match="no CUDA driver is usable.*dlopen"):
+        backends.cuda_device(NoDriver())
+
+
 def test_tensorrt_is_imported_only_when_asked(tmp_path):
     """A tensorrt module that explodes on import: export.py and infer.py still import."""
     (tmp_path / "tensorrt.py").write_text("raise RuntimeError('tensorrt was imported')\n")
@@ -259,3 +286,54 @@ def test_nan_outputs_never_pass_the_parity_check():
             return np.zeros((n, 2), np.float32), np.full(n, np.nan, np.float32)
 
     assert export.probability_gap(NaNSession(), random_model(False), SIZE) == float("inf")
+
+
+def test_int8_help_names_every_file_it_writes(cli_run, capsys):
+    """Issue 31: --int8 writes three files; its help names each (as <name>.<...> for --out
+    <name>.onnx)."""
+    _, out, _ = cli_run
+    with pytest.raises(SystemExit):
+        export.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    written = sorted(p.name for p in out.parent.iterdir() if ".int8" in p.name)
+    assert len(written) == 3
+    for name in written:
+        assert name.replace(out.stem, "<name>", 1) in text, name
+
+
+def test_fp16_from_onnx_needs_no_checkpoint(cli_run, tmp_path, capsys):
+    """--from-onnx --fp16: the FP16 model from the FP32 ONNX file alone, checked against it in
+    ONNX Runtime; the same file the checkpoint route writes."""
+    _, out, _ = cli_run
+    copy = tmp_path / out.name
+    copy.write_bytes(out.read_bytes())
+    assert export.main(["--from-onnx", "--fp16", "--out", str(copy)]) == 0
+    assert "max |prob difference|" in capsys.readouterr().out
+    fp16 = copy.with_suffix(".fp16.onnx")
+    assert fp16.read_bytes() == out.with_suffix(".fp16.onnx").read_bytes()
+    assert props(fp16)["precision"] == "fp16"
+    assert export.probability_gap(ort(fp16), ort(copy), SIZE) <= export.FP16_TOLERANCE
+
+
+@pytest.mark.parametrize("args", [["--from-onnx"], ["--from-onnx", "--int8"]])
+def test_from_onnx_needs_something_to_make(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        export.parse_args(args)
+    assert exc.value.code == 2 and "--from-onnx" in capsys.readouterr().err
+
+
+def test_shipped_fp16_model_is_the_fp32_model_in_fp16(tmp_path):
+    """Issue 31: TensorRT 10.12+ (deprecated weak typing) and 11.x build FP16 engines strongly
+    typed, from an FP16 ONNX: models/facecheck.fp16.onnx ships beside models/facecheck.onnx and
+    is exactly what `export.py --from-onnx --fp16` makes of it."""
+    shipped, fp16 = ROOT / "models" / "facecheck.onnx", ROOT / "models" / "facecheck.fp16.onnx"
+    assert fp16.is_file(), (
+        "models/facecheck.fp16.onnx is missing: python export.py --from-onnx --fp16"
+    )
+    copy = tmp_path / "facecheck.onnx"
+    copy.write_bytes(shipped.read_bytes())
+    assert export.main(["--from-onnx", "--fp16", "--out", str(copy)]) == 0
+    assert copy.with_suffix(".fp16.onnx").read_bytes() == fp16.read_bytes()
+    fp32_meta, fp16_meta = props(shipped), props(fp16)
+    assert fp16_meta.pop("precision") == "fp16" and fp32_meta.pop("precision") == "fp32"
+    assert fp16_meta == fp32_meta

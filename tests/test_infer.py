@@ -2,7 +2,10 @@
 
 import csv
 import io
+import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -10,13 +13,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import synthetic_image, write_source
+from conftest import ROOT, synthetic_image, write_source
 from onnx import TensorProto, helper
 from PIL import Image
 
+import backends
 import export
 import infer
-from model import load_checkpoint
+from model import deployment_metadata, load_checkpoint
 
 AWKWARD = ["gray.png", "rgba.png", "cmyk.jpg", "sixteen_bit.png", "palette.png",
            "exif_rotated.jpg", "wide.jpg", "лицо_é😀.png", "nested/deeper/plain.jpg"]  # fmt: skip
@@ -80,7 +84,7 @@ def models(tiny_runs, tmp_path_factory):
     pt = tiny_runs["on"] / "best.pt"
     model, ckpt = load_checkpoint(pt)
     onnx_path = tmp_path_factory.mktemp("models") / "facecheck.onnx"
-    export.export_onnx(model, onnx_path, export.metadata_from_checkpoint(ckpt))
+    export.export_onnx(model, onnx_path, deployment_metadata(ckpt))
     return {
         "pt": pt,
         "onnx": onnx_path,
@@ -293,8 +297,10 @@ def test_unsure_band_saved_copies_and_json(folder, models, tmp_path, capsys):
     assert payload["unsure_band"] == [0.0, 1.01]
     copies = sorted(saved.rglob("*.jpg"))
     assert len(copies) == len(AWKWARD)
-    assert (saved / folder.name / "nested" / "deeper" / "plain.jpg.jpg").is_file()
-    with Image.open(saved / folder.name / "wide.jpg.jpg") as im:
+    # photo.jpg is saved as photo.jpg (issue 32), photo.png as photo.png.jpg
+    expected = [Path(name + ("" if name.endswith(".jpg") else ".jpg")) for name in AWKWARD]
+    assert sorted(p.relative_to(saved / folder.name) for p in copies) == sorted(expected)
+    with Image.open(saved / folder.name / "wide.jpg") as im:
         assert im.format == "JPEG" and im.size == (200, 70)  # the photo itself, not the crop
         pixels = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
     amber = np.abs(pixels - infer.COLOURS["unsure"]).sum(1) < 60
@@ -320,3 +326,45 @@ def test_decision_rule():
     assert infer.decision(0.29, 0.5, [0.3, 0.6]) == "real"
     assert infer.decision(0.5, 0.5, [0.5, 0.5]) == "fake"  # no band: the plain threshold
     assert infer.decision(0.4999, 0.5, [0.5, 0.5]) == "real"
+
+
+def test_saved_copy_names_keep_jpeg_names_and_never_collide(tmp_path):
+    folder = tmp_path / "in"
+    files = [folder / "a.jpg", folder / "a.JPEG", folder / "a.png", folder / "sub" / "b.jpg",
+             tmp_path / "single.jpg", tmp_path / "other" / "single.jpg"]  # fmt: skip
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"")
+    roots = [folder] * 4 + [files[4], files[5]]
+    names = infer.saved_copy_names(files, roots, tmp_path / "out")
+    out = (tmp_path / "out").resolve()
+    assert [names[f].relative_to(out).as_posix() for f in files] == [
+        "in/a.jpg", "in/a.JPEG", "in/a.png.jpg", "in/sub/b.jpg", "single.jpg", "single.1.jpg"
+    ]  # fmt: skip
+
+
+def test_inference_modules_import_no_torch_and_no_onnx():
+    """infer.py, backends.py and export.py (and what they import at module level) load without
+    torch or the onnx package: a device runs .onnx / .engine models with numpy, pillow and ONNX
+    Runtime or TensorRT alone (requirements-infer.txt)."""
+    code = (
+        "import sys, infer, backends, export; print(sorted({'torch', 'onnx'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-1000:]
+
+
+def test_metadata_round_trip_is_the_checkpoint_deployment_metadata(models):
+    """The .onnx model's metadata, read back by backends.py, is model.deployment_metadata of
+    its checkpoint (one definition, written once, parsed without a second list of fields), and
+    the .pt model gives the same."""
+    _, ckpt = load_checkpoint(models["pt"])
+    made = deployment_metadata(ckpt)
+    _, from_onnx = backends.load_model(models["onnx"])
+    _, from_pt = backends.load_model(models["pt"])
+    for meta in (from_onnx, from_pt):
+        assert {k: meta[k] for k in made} == made
+    assert from_onnx["backend"].startswith("ONNX Runtime") and from_pt["backend"].startswith(
+        "PyTorch"
+    )

@@ -1,4 +1,5 @@
-"""experiments/lofo.py on the tiny dataset: holding out a real source scores its photos as reals."""
+"""experiments/lofo.py on the tiny dataset: holding out a real source scores its photos as reals;
+a held-out source whose file names say who is in the photo gets the demographic audit."""
 
 import csv
 import json
@@ -100,3 +101,34 @@ def test_the_attention_arm_trains_and_checks_its_placement(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="attention_stage"):  # not reused as if it matched
         lofo.train_without(tmp_path / "subset", tmp_path / "run", on)
     assert calls[0][-2:] == ["--attention-stage", "1"]
+
+
+def test_held_out_labelled_source_gets_who_is_called_fake(monkeypatch, capsys):
+    import lofo
+
+    # 30 UTKFace women (age 25) held out, half called real; 30 men, all called real; the other
+    # class's test images and a seen real source around them.
+    def row(source, label, split, original):
+        return {"source": source, "label": label, "split": split, "original": original}
+
+    rows = [row("utkface", "real", "train", f"25_{i // 30}_0_{i}.jpg") for i in range(60)]
+    rows += [row("gan", "fake", "test", f"g{i}.png") for i in range(10)]
+    rows += [row("lfw", "real", "test", f"l{i}.jpg") for i in range(5)]
+    prob = {f"25_1_0_{i}.jpg": 0.9 if i % 2 else 0.1 for i in range(30, 60)}
+    monkeypatch.setattr(
+        lofo, "score", lambda model, rows: np.array([prob.get(r["original"], 0.2) for r in rows])
+    )
+    ckpt = {"threshold": 0.5, "epoch": 1, "unsure_band": [0.3, 0.8]}
+    result = lofo.score_held_out(None, ckpt, rows, "utkface", is_fake=False)
+    assert result["unseen_accuracy"] == pytest.approx(45 / 60)
+    groups = {g["group"]: g for g in result["demographics"]["groups"]}
+    assert groups["female"]["n"] == 30 and groups["female"]["called_real"] == pytest.approx(0.5)
+    assert groups["female"]["called_fake_confidently"] == pytest.approx(0.5)
+    assert groups["male"]["called_real"] == 1.0 and groups["White"]["n"] == 60
+    assert result["demographics"]["gap"]["gap"] == pytest.approx(0.5)
+    json.dumps(result)  # lands in --out as is
+    lofo.print_table([result])
+    assert "| 50.0 (gender female 0.50) |" in capsys.readouterr().out
+    # A source without labels (here a fake one): no audit, a dash in the table.
+    fake = lofo.score_held_out(None, ckpt, rows, "gan", is_fake=True)
+    assert fake["demographics"] is None and lofo.demographic_gap(fake) == "-"

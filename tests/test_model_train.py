@@ -1,5 +1,5 @@
-"""model.py and train.py: shapes, budget, attention, losses, early stopping, checkpoints,
-resume and the refusal of pickle payloads."""
+"""model.py, train.py and calibrate.py: shapes, budget, attention, losses, early stopping,
+checkpoints, resume, the refusal of pickle payloads, the threshold and unsure-band rule."""
 
 import csv
 import os
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT
 
+import calibrate
 import train
 from model import CheckpointError, FaceCheckNet, count_flops, count_parameters, load_checkpoint
 
@@ -243,8 +244,10 @@ def test_sigterm_to_the_whole_job_stops_cleanly_with_loader_workers(tmp_path, pr
          "--batch-size", "16", "--workers", "1", "--patience", "50", "--out", str(run)],
         cwd=ROOT, stdout=stdout, stderr=stderr, start_new_session=True,
     )  # fmt: skip
+    # Past epoch 1's line (printed after its files and plot; a signal in the middle of the
+    # first matplotlib import surfaces as a RuntimeError, not as Ctrl-C), into epoch 2.
     deadline = time.time() + 120
-    while not (run / "history.csv").exists() and time.time() < deadline:
+    while "epoch   1 " not in (tmp_path / "out.txt").read_text() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # into the next epoch, workers busy
     # The workers first (a group signal reaches them in no set order): were they to die of it,
@@ -274,9 +277,9 @@ def test_threshold_gives_every_validation_source_equal_say():
     labels = np.r_[[0] * 10, [1] * 10]
     sources = ["big_real"] * 9 + ["small_real"] + ["gan"] * 10
     # Per class, calling the one small-source real fake costs as much as missing one fake ...
-    assert train.choose_threshold(prob, labels) == pytest.approx(0.35)
+    assert calibrate.choose_threshold(prob, labels) == pytest.approx(0.35)
     # ... per source it costs a whole source, so the threshold moves above it.
-    assert train.choose_threshold(prob, labels, sources) == pytest.approx(0.76)
+    assert calibrate.choose_threshold(prob, labels, sources) == pytest.approx(0.76)
 
 
 def test_threshold_keeps_many_fake_sources_from_outvoting_the_real_ones():
@@ -289,8 +292,10 @@ def test_threshold_keeps_many_fake_sources_from_outvoting_the_real_ones():
     prob = np.r_[[0.55] * 5, [0.65] * 5, [0.95] * 20, [0.62] * 7, [0.9] * 3]
     labels = np.r_[[0] * 10, [1] * 30]
     sources = ["photo"] * 10 + ["gan_a"] * 10 + ["gan_b"] * 10 + ["gan_c"] * 10
-    assert train.choose_threshold(prob, labels, sources) == pytest.approx(0.775)
-    assert train.choose_threshold(prob, labels, sources, per_class=False) == pytest.approx(0.585)
+    assert calibrate.choose_threshold(prob, labels, sources) == pytest.approx(0.775)
+    assert calibrate.choose_threshold(prob, labels, sources, per_class=False) == pytest.approx(
+        0.585
+    )
 
 
 def test_robust_threshold_keeps_perturbed_fakes_above_it(monkeypatch):
@@ -298,15 +303,18 @@ def test_robust_threshold_keeps_perturbed_fakes_above_it(monkeypatch):
     # 100, so perturbed fakes score 0.39-0.43 while clean ones score 0.78-0.82.
     import numpy as np
 
-    monkeypatch.setattr(train, "predict", lambda m, x, d: (x.float().mean((1, 2, 3)) / 255, None))
-    monkeypatch.setattr(train, "perturb", lambda x, name: (x.int() - 100).clamp(0, 255).byte())
+    import common
+    import model
+
+    monkeypatch.setattr(model, "predict", lambda m, x, d: (x.float().mean((1, 2, 3)) / 255, None))
+    monkeypatch.setattr(common, "perturb", lambda x, name: (x.int() - 100).clamp(0, 255).byte())
     values = [50, 60, 200, 210]
     images = torch.tensor(values, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 4, 4)
     labels = np.array([0, 0, 1, 1])
     sources = ["lfw", "lfw", "gan", "gan"]
-    clean_only = train.choose_threshold(np.array(values) / 255, labels, sources)
+    clean_only = calibrate.choose_threshold(np.array(values) / 255, labels, sources)
     assert clean_only == pytest.approx((60 + 200) / 2 / 255)  # perfect on clean, nearest 0.5
-    threshold, clean_accuracy, _ = train.robust_threshold(None, images, labels, sources, "cpu")
+    threshold, clean_accuracy, _ = calibrate.robust_threshold(None, images, labels, sources, "cpu")
     assert 60 / 255 < threshold < 100 / 255  # below the perturbed fakes, above the reals
     assert clean_accuracy == 1.0
 
@@ -334,7 +342,7 @@ def test_unsure_band_reaches_the_precision_with_the_narrowest_band():
     rng = np.random.default_rng(0)
     prob = np.r_[rng.uniform(0, 0.6, 2000), rng.uniform(0.4, 1, 2000)]
     labels = np.r_[np.zeros(2000, int), np.ones(2000, int)]
-    low, high, stats = train.unsure_band(prob, labels, 0.5, precision=0.95)
+    low, high, stats = calibrate.unsure_band(prob, labels, 0.5, precision=0.95)
     assert low < 0.5 < high
     assert (labels[prob >= high] == 1).mean() >= 0.95 and (labels[prob < low] == 0).mean() >= 0.95
     # nothing narrower reaches it: one step closer to the threshold falls short
@@ -344,7 +352,113 @@ def test_unsure_band_reaches_the_precision_with_the_narrowest_band():
     assert (labels[prob < closer_low] == 0).mean() < 0.95 or closer_low > 0.5
     assert stats["fake_precision"] >= 0.95 and 0 < stats["unsure_share"] < 1
     # separable classes: no band at all
-    low, high, stats = train.unsure_band(
+    low, high, stats = calibrate.unsure_band(
         np.r_[prob[:2000] * 0.5, 0.5 + prob[2000:] * 0.5], labels, 0.5
     )
     assert low == high == 0.5 and stats["unsure_share"] == 0
+
+
+def test_decision_rule():
+    assert calibrate.decision(0.7, 0.5, [0.3, 0.6]) == "fake"
+    assert calibrate.decision(0.6, 0.5, [0.3, 0.6]) == "fake"
+    assert calibrate.decision(0.45, 0.5, [0.3, 0.6]) == "unsure"
+    assert calibrate.decision(0.55, 0.5, [0.3, 0.6]) == "unsure"
+    assert calibrate.decision(0.29, 0.5, [0.3, 0.6]) == "real"
+    assert calibrate.decision(0.5, 0.5, [0.5, 0.5]) == "fake"  # no band: the plain threshold
+    assert calibrate.decision(0.4999, 0.5, [0.5, 0.5]) == "real"
+    # A threshold typed by hand outside the band widens it rather than contradicting it.
+    assert calibrate.decision(0.65, 0.7, [0.3, 0.6]) == "unsure"
+    assert calibrate.decision(0.25, 0.2, [0.3, 0.6]) == "unsure"
+
+
+def test_calibrate_imports_without_torch():
+    # infer.py takes decision() from calibrate on devices that have numpy but no torch.
+    code = ("import sys; sys.modules['torch'] = None; import calibrate; "
+            "print(calibrate.decision(0.9, 0.5, [0.4, 0.6]))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "fake"
+
+
+def test_calibrate_cli_redoes_the_end_of_training_step(tmp_path, tiny_runs):
+    # A run whose threshold and band were lost (or made under an older rule): calibrate.py
+    # puts back exactly what train.py's end of training wrote.
+    finished = torch.load(tiny_runs["on"] / "best.pt", weights_only=True)
+    stale = {**finished, "threshold": 0.5, "threshold_rule": "old"}
+    stale["val_metrics"] = {
+        k: v for k, v in finished["val_metrics"].items() if k != "confident_calls"
+    }
+    del stale["unsure_band"]
+    torch.save(stale, tmp_path / "best.pt")
+    result = subprocess.run([sys.executable, str(ROOT / "calibrate.py"), str(tmp_path / "best.pt"),
+                             "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    redone = torch.load(tmp_path / "best.pt", weights_only=True)
+    for key in ("threshold", "threshold_rule", "unsure_band", "val_metrics"):
+        assert redone[key] == finished[key], key
+    low, high = finished["unsure_band"]
+    assert (
+        f"threshold {finished['threshold']:.4f}, unsure band {low:.4f}-{high:.4f}" in result.stdout
+    )
+    # A file that is no checkpoint: one line, no traceback.
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    result = subprocess.run([sys.executable, str(ROOT / "calibrate.py"), str(tmp_path / "junk.pt")],
+                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert result.returncode != 0 and result.stderr.startswith("error:")
+    assert "Traceback" not in result.stderr
+
+
+def test_early_stopping_and_best_pt_read_the_logged_validation_loss(tmp_path, prepared):
+    # Whatever the training loss, best.pt is the epoch of the lowest val_loss in history.csv
+    # (the plain cross-entropy on validation) and early stopping counts on that same number.
+    run = tmp_path / "focal"
+    train.main(["--data", str(prepared), "--out", str(run), "--loss", "focal", "--epochs", "4",
+                "--patience", "1", "--batch-size", "16", "--workers", "0", "--seed", "1",
+                "--device", "cpu"])  # fmt: skip
+    history = read_history(run)
+    losses = [float(h["val_loss"]) for h in history]
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["val_metrics"]["loss"] == pytest.approx(min(losses), rel=1e-5)
+    assert int(history[losses.index(min(losses))]["epoch"]) == best["epoch"]
+    stopper = train.EarlyStopping(patience=1)
+    stopped = [stopper.step(v) for v in losses]
+    assert stopped[-1] and not any(stopped[:-1]) or (len(losses) == 4 and not any(stopped))
+
+
+def test_native_resolution_blurs_only_to_a_smaller_drawn_side():
+    # A checkerboard at full detail: drawn side 16 of 64 must wash it out, 64 or more not touch it.
+    board = (torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 255
+    image = board.to(torch.uint8).expand(3, 64, 64).contiguous()
+    assert torch.equal(train.NativeResolution([64, 200])(image), image)
+    softened = train.NativeResolution([16])(image)
+    assert softened.shape == image.shape
+    assert softened.float().std() < 0.2 * image.float().std()
+
+
+def test_new_augmentations_off_leave_the_draws_as_before():
+    # The options off must build the very chain of before (same steps, same random draws), so a
+    # default run trains exactly as it did; on, they are in the chain.
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    plain = train.train_transform(64, 0.5, 0.5, 0.5, 0.5)
+    assert [type(t).__name__ for t in plain.transforms] == [
+        "RandomHorizontalFlip", "RandomResizedCrop", "RandomApply", "RandomApply", "RandomApply"
+    ]  # fmt: skip
+    everything = train.train_transform(
+        64, 0.5, 0.5, 0.5, 0.5, native_sides=[20, 40], native_p=1.0, rotate=10, colour=0.2,
+        mask_p=0.5,
+    )  # fmt: skip
+    names = [type(t).__name__ for t in everything.transforms]
+    assert {"RandomRotation", "ColorJitter", "RandomErasing"} <= set(names)
+    assert names[-1] == "RandomApply" and everything.transforms[-1].p == 0.5  # JPEG stays last
+    torch.manual_seed(1)
+    out = everything(image)
+    assert out.shape == image.shape and out.dtype == torch.uint8
+
+
+def test_residual_blocks_change_the_model_and_old_checkpoints_still_load():
+    plain = FaceCheckNet({"attention": False})
+    deeper = FaceCheckNet({"attention": False, "residual_blocks": 1})
+    assert count_parameters(deeper) > count_parameters(plain)
+    assert deeper(torch.rand(2, 3, 128, 128)).shape == (2, 2)
+    # A config without the key (every checkpoint from before it) builds the plain stages.
+    assert FaceCheckNet({"attention": False}).state_dict().keys() == plain.state_dict().keys()
