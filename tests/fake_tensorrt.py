@@ -1,7 +1,7 @@
-"""A stand-in for the `tensorrt` Python package, for tests on machines without a GPU.
+"""Stand-ins for the `tensorrt` and `cuda-python` packages, for tests on machines without a GPU.
 
 make_module(version) returns a module that mimics the parts of the TensorRT 8.6, 10.x and 11.x
-Python APIs that export.build_engine and infer.load_engine use, version by version:
+Python APIs that export.build_engine and backends.load_engine use, version by version:
 
     8.6    EXPLICIT_BATCH must be asked for; no STRONGLY_TYPED; weak typing (BuilderFlag.FP16,
            INT8, OBEY_PRECISION_CONSTRAINTS); ParserError has node() but no node_name();
@@ -18,11 +18,16 @@ input shapes, tensor addresses) in module.record. The "engine" it serialises is 
 names the ONNX file it came from; its execution context reads the input through the address
 and shape the code registered, as contiguous NCHW bytes (TensorFormat.LINEAR), computes the
 outputs with ONNX Runtime on that ONNX file and writes them to the registered output addresses.
-On CPU tensors (see the cpu_cuda fixture) those addresses are real process memory.
+
+make_cudart(name, capability) returns cuda-python's runtime module (cuda.bindings.runtime) as
+far as backends.py uses it: every call returns (cudaError_t, *values) as the real one does;
+"device memory" is host memory from ctypes, so the addresses the fake engine reads and writes
+are real, and a copy that runs past an allocation is an error instead of a corruption. It
+records the calls in module.record; module.faults = {"no_device": True, "malloc": True}.
 
 Faults for tests: module.faults = {"set_input_shape": True, "set_tensor_address": True,
 "execute": True, "build_raises": "message", "set_shape_raises": "message",
-"deserialize_raises": "message"} and engine
+"deserialize_raises": "message", "profile_refused": True} and engine
 overrides at build time, module.engine_overrides = {"input_dtype": "HALF", "min_batch": 4,
 "format": "CHW32", "input_name": "images", "image_size": 64}.
 """
@@ -282,6 +287,11 @@ def make_module(version="10.3.0"):
             return flag.name in self.flags
 
         def add_optimization_profile(self, profile):
+            # "Returns the index of the optimization profile (starting from 0) if the input is
+            # valid, or -1 if the input is not valid" (IBuilderConfig.add_optimization_profile)
+            if trt.faults.get("profile_refused") or "input" not in profile.shapes:
+                log("[E] addOptimizationProfile: invalid profile")
+                return -1
             self.profiles.append(profile)
             return len(self.profiles) - 1
 
@@ -450,3 +460,109 @@ def make_module(version="10.3.0"):
 
     trt.Runtime = Runtime
     return trt
+
+
+def make_cudart(name="Orin (nvgpu)", capability=(8, 7)):
+    """A fake cuda.bindings.runtime with one GPU of that name and compute capability."""
+    import enum
+
+    rt = types.ModuleType("cuda.bindings.runtime")
+    rt.record = {"calls": [], "allocations": {}, "freed": []}
+    rt.faults = {}
+
+    class cudaError_t(enum.IntEnum):  # noqa: N801 (cuda-python's names)
+        cudaSuccess = 0
+        cudaErrorInvalidValue = 1
+        cudaErrorMemoryAllocation = 2
+        cudaErrorNoDevice = 100
+
+    class cudaMemcpyKind(enum.IntEnum):  # noqa: N801
+        cudaMemcpyHostToHost = 0
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    class cudaStream_t:  # noqa: N801
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __int__(self):
+            return self.handle
+
+    rt.cudaError_t, rt.cudaMemcpyKind, rt.cudaStream_t = cudaError_t, cudaMemcpyKind, cudaStream_t
+    ok = cudaError_t.cudaSuccess
+    keep = {}  # address -> ctypes buffer: the "device" memory, alive until cudaFree
+
+    def call(fn):
+        def wrapped(*args):
+            rt.record["calls"].append((fn.__name__, args))
+            return fn(*args)
+
+        setattr(rt, fn.__name__, wrapped)
+        return wrapped
+
+    @call
+    def cudaGetDeviceCount():  # noqa: N802
+        return (cudaError_t.cudaErrorNoDevice, 0) if rt.faults.get("no_device") else (ok, 1)
+
+    @call
+    def cudaGetDevice():  # noqa: N802
+        return ok, 0
+
+    @call
+    def cudaGetDeviceProperties(device):  # noqa: N802
+        if device != 0:
+            return cudaError_t.cudaErrorInvalidValue, None
+        # cuda-python gives char[256] fields as bytes
+        prop = types.SimpleNamespace(name=name.encode(), major=capability[0], minor=capability[1])
+        return ok, prop
+
+    @call
+    def cudaStreamCreate():  # noqa: N802
+        return ok, cudaStream_t(7)
+
+    @call
+    def cudaStreamSynchronize(stream):  # noqa: N802
+        return (ok,) if isinstance(stream, cudaStream_t) else (cudaError_t.cudaErrorInvalidValue,)
+
+    @call
+    def cudaStreamDestroy(stream):  # noqa: N802
+        return (ok,)
+
+    @call
+    def cudaMalloc(nbytes):  # noqa: N802
+        if rt.faults.get("malloc"):
+            return cudaError_t.cudaErrorMemoryAllocation, 0
+        buffer = ctypes.create_string_buffer(int(nbytes))
+        address = ctypes.addressof(buffer)
+        keep[address] = buffer
+        rt.record["allocations"][address] = int(nbytes)
+        return ok, address
+
+    @call
+    def cudaFree(address):  # noqa: N802
+        if keep.pop(int(address), None) is None:
+            return (cudaError_t.cudaErrorInvalidValue,)
+        rt.record["freed"].append(int(address))
+        return (ok,)
+
+    def inside_allocation(address, nbytes):
+        return any(
+            start <= address and address + nbytes <= start + size
+            for start, size in rt.record["allocations"].items()
+            if start in keep
+        )
+
+    @call
+    def cudaMemcpyAsync(dst, src, nbytes, kind, stream):  # noqa: N802
+        if not isinstance(stream, cudaStream_t) or kind not in (
+            cudaMemcpyKind.cudaMemcpyHostToDevice,
+            cudaMemcpyKind.cudaMemcpyDeviceToHost,
+        ):
+            return (cudaError_t.cudaErrorInvalidValue,)
+        device = int(dst) if kind == cudaMemcpyKind.cudaMemcpyHostToDevice else int(src)
+        if not inside_allocation(device, int(nbytes)):
+            return (cudaError_t.cudaErrorInvalidValue,)
+        ctypes.memmove(int(dst), int(src), int(nbytes))
+        return (ok,)
+
+    return rt

@@ -1,12 +1,12 @@
-"""TensorRT paths without a GPU: export.build_engine and infer.py's engine loading and running
+"""TensorRT paths without a GPU: export.build_engine and backends.py's engine loading and running
 loop driven through a fake `tensorrt` module (tests/fake_tensorrt.py) that mimics the 8.6,
-10.x and 11.x Python APIs, with CPU torch tensors standing in for CUDA buffers. One test (or
-parametrised group) per defect of issue 17, part 1; the real-GPU test at the end runs only
-where tensorrt imports and CUDA is available."""
+10.x and 11.x Python APIs, and a fake cuda-python runtime whose "GPU buffers" are host memory.
+One test (or parametrised group) per defect of issues 17 (part 1) and 31 (item 5); the real-GPU
+test at the end runs only where tensorrt, cuda-python and a CUDA GPU are present."""
 
-import contextlib
 import glob
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +20,7 @@ import torch
 from conftest import ROOT
 from onnx import TensorProto, helper
 
+import backends
 import export
 import infer
 from common import to_model_input
@@ -27,6 +28,7 @@ from model import FaceCheckNet
 
 SIZE = 32
 GPU = {"name": "Orin (nvgpu)", "capability": (8, 7)}
+REAL_CUDA_RUNTIME = backends.cuda_runtime
 
 
 def random_model(attention=True, seed=0):
@@ -66,30 +68,11 @@ def onnx_models(tmp_path_factory):
 
 @pytest.fixture
 def cpu_cuda(monkeypatch):
-    """ "CUDA" that is the CPU: is_available, a stream, .cuda() (which keeps strides, as the
-    real one does) and torch.empty(device="cuda") give CPU tensors whose data_ptr() the fake
-    engine reads and writes."""
-
-    class Stream:
-        cuda_stream = 7
-
-        def synchronize(self):
-            pass
-
-    real_empty = torch.empty
-
-    def empty(*size, device=None, **kwargs):
-        device = "cpu" if str(device).startswith("cuda") else device
-        return real_empty(*size, device=device, **kwargs)
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: GPU["name"])
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: GPU["capability"])
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self.clone())
-    monkeypatch.setattr(torch, "empty", empty)
+    """cuda-python's runtime as backends.cuda_runtime() finds it: the fake one, with one GPU
+    (GPU) whose "device memory" is host memory the fake engine reads and writes."""
+    runtime = fake_tensorrt.make_cudart(GPU["name"], GPU["capability"])
+    monkeypatch.setattr(backends, "cuda_runtime", lambda: runtime)
+    return runtime
 
 
 @pytest.fixture
@@ -130,7 +113,7 @@ def ort_logits(path, x):
 def test_engine_gets_a_contiguous_nchw_buffer(onnx_models, fake_trt, tmp_path):
     trt = fake_trt("10.3.0")
     engine = build(onnx_models["paths"], tmp_path, max_batch=4)
-    run, meta = infer.load_model(engine)
+    run, meta = backends.load_model(engine)
     batch, contiguous = channels_last_batch(10)
     assert not batch.flags["C_CONTIGUOUS"]  # the layout that went wrong
     logits = run(batch)  # 10 images through a max-batch-4 engine: chunks 4, 4, 2
@@ -249,9 +232,9 @@ def test_tensorrt_parses_the_tensorrt_int8_model(onnx_models, fake_trt, tmp_path
                                          ("execute", "execute_async_v3")])  # fmt: skip
 def test_tensorrt_call_failures_stop_with_a_message(onnx_models, fake_trt, tmp_path, fault, call):
     trt = fake_trt("10.3.0")
-    run, _ = infer.load_model(build(onnx_models["paths"], tmp_path))
+    run, _ = backends.load_model(build(onnx_models["paths"], tmp_path))
     trt.faults[fault] = True
-    with pytest.raises(infer.InferError, match=call):
+    with pytest.raises(backends.ModelError, match=call):
         run(channels_last_batch(2)[0])
 
 
@@ -273,7 +256,7 @@ def test_batches_are_split_at_the_engine_max(onnx_models, fake_trt, tmp_path):
     """(Not a defect: kept working.) Batches larger than the profile's max are split, so
     set_input_shape only ever sees shapes inside the profile."""
     trt = fake_trt("10.3.0")
-    run, _ = infer.load_model(build(onnx_models["paths"], tmp_path, max_batch=2))
+    run, _ = backends.load_model(build(onnx_models["paths"], tmp_path, max_batch=2))
     assert run(channels_last_batch(5)[0]).shape == (5, 2)
     assert [shape[0] for _, shape in trt.record["set_input_shape"]] == [1, 2, 2, 1]  # warm-up first
 
@@ -295,8 +278,8 @@ def test_engine_interface_is_checked_when_loaded(
     trt = fake_trt("10.3.0")
     trt.engine_overrides.update(override)
     engine = build(onnx_models["paths"], tmp_path)
-    with pytest.raises(infer.InferError, match=message) as exc:
-        infer.load_model(engine)
+    with pytest.raises(backends.ModelError, match=message) as exc:
+        backends.load_model(engine)
     assert "rebuild" in str(exc.value) and "\n" not in str(exc.value)
 
 
@@ -323,10 +306,8 @@ def checkpoint(tmp_path):
 
 
 def export_main(monkeypatch, args):
-    """export.main with TensorRT taken as present: torch's ONNX exporter must not see the
-    patched torch.cuda.is_available (it would try to use the GPU), so tensorrt_problem is."""
+    """export.main with TensorRT taken as present (tensorrt_problem asks the real packages)."""
     with monkeypatch.context() as m:
-        m.setattr(torch.cuda, "is_available", lambda: False)
         m.setattr(export, "tensorrt_problem", lambda: None)
         return export.main(args)
 
@@ -344,27 +325,37 @@ def test_sidecar_records_precision_version_and_gpu(
     assert sidecar["precision"] == "fp16" and sidecar["tensorrt_version"] == "10.3.0"
     assert sidecar["gpu_name"] == GPU["name"] and sidecar["gpu_compute_capability"] == "8.7"
     assert sidecar["max_batch"] == "16" and sidecar["threshold"] == "0.5"
-    run, meta = infer.load_model(engine)
+    run, meta = backends.load_model(engine)
     assert meta["precision"] == "fp16"
 
 
 @pytest.mark.parametrize("change, message", [("version", "TensorRT 10.3.0, this is TensorRT 10.4.0"),
                                              ("gpu", "compute capability 8.7"),
+                                             ("gpu_name", "built on Orin \\(nvgpu\\)"),
                                              ("engine", "not the engine")])  # fmt: skip
 def test_engine_from_elsewhere_is_refused(
     onnx_models, fake_trt, tmp_path, monkeypatch, change, message
 ):
+    """Issue 31: every Orin module is compute capability 8.7, so the GPU's name is checked too
+    ("gpu_name": same capability, another module); the hint rebuilds from the ONNX next to the
+    engine with export.py --tensorrt --from-onnx (no checkpoint, no PyTorch on the device)."""
     fake_trt("10.3.0")
     engine = build(onnx_models["paths"], tmp_path)
     if change == "version":
         fake_trt("10.4.0")
-    elif change == "gpu":
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
+    elif change in ("gpu", "gpu_name"):
+        other = ("Orin (nvgpu)", (9, 0)) if change == "gpu" else ("NVIDIA Jetson Orin NX", (8, 7))
+        runtime = fake_tensorrt.make_cudart(*other)
+        monkeypatch.setattr(backends, "cuda_runtime", lambda: runtime)
     else:
         engine.write_bytes(engine.read_bytes().replace(b'"max": [8', b'"max": [9'))
-    with pytest.raises(infer.InferError, match=message) as exc:
-        infer.load_model(engine)
-    assert "rebuild it on this device" in str(exc.value)
+    with pytest.raises(backends.ModelError, match=message) as exc:
+        backends.load_model(engine)
+    text = str(exc.value)
+    assert "rebuild it on this device" in text and "\n" not in text
+    onnx_path = tmp_path / "facecheck.onnx"
+    assert f"python export.py --tensorrt --from-onnx --out {onnx_path} --engine {engine}" in text
+    assert "--checkpoint" not in text
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
@@ -386,7 +377,7 @@ def test_engine_from_exported_onnx_on_the_device(
         str(engine),
     ]
     assert export.main(args) == 0
-    run, meta = infer.load_model(engine)
+    run, meta = backends.load_model(engine)
     assert meta["precision"] == precision and run(channels_last_batch(3)[0]).shape == (3, 2)
 
 
@@ -415,7 +406,7 @@ def test_precision_path_per_tensorrt_version(onnx_models, fake_trt, tmp_path, ve
             assert trt.record["layer_precision"] and all(
                 "attention" in name for name in trt.record["layer_precision"]
             )
-    run, meta = infer.load_model(engine)
+    run, meta = backends.load_model(engine)
     batch, contiguous = channels_last_batch(3)
     reference = ort_logits(trt.record["parsed"], contiguous)
     np.testing.assert_allclose(run(batch), reference, atol=1e-4)
@@ -500,7 +491,7 @@ def test_onnxruntime_tensorrt_ep_options(onnx_models, monkeypatch, tmp_path):
     seen, real = [], ort.InferenceSession
 
     class Session:  # records the providers, runs on the CPU
-        def __init__(self, path, providers):
+        def __init__(self, path, providers, **kwargs):
             seen.append(providers)
             self.inner = real(path, providers=["CPUExecutionProvider"])
             self.names = [p if isinstance(p, str) else p[0] for p in providers]
@@ -516,7 +507,8 @@ def test_onnxruntime_tensorrt_ep_options(onnx_models, monkeypatch, tmp_path):
     monkeypatch.setattr(ort, "InferenceSession", Session)
     monkeypatch.setenv("FACECHECK_TRT_CACHE", str(tmp_path / "cache"))
     for _ in range(2):  # the second load finds the same cache
-        run, meta = infer.load_model(onnx_models["paths"]["int8"])
+        run, meta = backends.load_model(onnx_models["paths"]["int8"])
+    seen = [p for p in seen if p != ["CPUExecutionProvider"]]  # not the metadata reads
     assert seen[0] == seen[1]
     name, options = seen[0][0]
     assert name == "TensorrtExecutionProvider" and [p for p in seen[0][1:]] == available[1:]
@@ -544,7 +536,7 @@ def test_older_onnxruntime_gets_the_engine_cache_alone(onnx_models, monkeypatch,
 
     seen, real = [], ort.InferenceSession
 
-    def session(path, providers):
+    def session(path, providers, **kwargs):
         seen.append(providers)
         if "trt_profile_min_shapes" in providers[0][1]:  # what ONNX Runtime 1.14 says
             raise RuntimeError("Invalid TensorRT EP option: trt_profile_min_shapes")
@@ -554,16 +546,178 @@ def test_older_onnxruntime_gets_the_engine_cache_alone(onnx_models, monkeypatch,
     monkeypatch.setattr(ort, "get_available_providers", lambda: available)
     monkeypatch.setattr(ort, "InferenceSession", session)
     monkeypatch.setenv("FACECHECK_TRT_CACHE", str(tmp_path / "cache"))
-    infer.load_model(onnx_models["paths"]["fp32"])
+    backends.load_model(onnx_models["paths"]["fp32"])
+    seen = [p for p in seen if p != ["CPUExecutionProvider"]]  # not the metadata read
     assert seen[1][0] == (
         "TensorrtExecutionProvider",
         {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "cache")},
     )
 
 
+# Issue 31, item 5: ONNX Runtime's own fallback, the optimisation profile's return value, the
+# rebuild hint (above, with the GPU name), CUDA buffers from cuda-python, no torch on the device.
+
+
+@pytest.mark.parametrize("old_release", [False, True])
+def test_tensorrt_ep_refusing_options_is_retried_off_stdout(
+    onnx_models, monkeypatch, tmp_path, capfd, old_release
+):
+    """ONNX Runtime's own InferenceSession, with only the provider start faked: a TensorRT EP
+    that refuses the profile options (as ONNX Runtime <= 1.14 does). ONNX Runtime's wrapper
+    catches that itself, prints "EP Error ... Falling back" on stdout and starts on its fallback
+    providers, so a retry that waits for an exception never runs. With enable_fallback=0 it
+    raises instead; a release that does not know that switch (old_release) still falls back.
+    Either way stdout stays clean (infer.py --csv - writes the CSV there) and the session is
+    retried with the engine cache alone."""
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_inference_collection as collection
+
+    real_create, seen = collection.InferenceSession._create_inference_session, []
+
+    def create(self, providers, provider_options, disabled_optimizers=None):
+        seen.append(providers)
+        self._fallback_providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        tensorrt = [p for p in providers if p[0] == "TensorrtExecutionProvider"]
+        if tensorrt and "trt_profile_min_shapes" in tensorrt[0][1]:
+            raise RuntimeError("Invalid TensorRT EP option: trt_profile_min_shapes")
+        real_create(self, ["CPUExecutionProvider"], None, disabled_optimizers)
+        self._providers = [p if isinstance(p, str) else p[0] for p in providers]  # all started
+
+    monkeypatch.setattr(collection.InferenceSession, "_create_inference_session", create)
+    if old_release:
+        real_init = collection.InferenceSession.__init__
+
+        def init(self, path, sess_options=None, providers=None, provider_options=None, **kw):
+            kw.pop("enable_fallback", None)
+            real_init(self, path, sess_options, providers, provider_options, **kw)
+
+        monkeypatch.setattr(collection.InferenceSession, "__init__", init)
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    monkeypatch.setenv("FACECHECK_TRT_CACHE", str(tmp_path / "cache"))
+    run, meta = backends.load_model(onnx_models["paths"]["fp32"])
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert meta["backend"] == "ONNX Runtime TensorrtExecutionProvider"
+    basic = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "cache")}
+    assert seen[-1][0] == ("TensorrtExecutionProvider", basic)
+    assert len(err.strip().splitlines()) == 1 and "trt_profile_min_shapes" in err
+    assert run(channels_last_batch(3)[1]).shape == (3, 2)
+
+
+def test_a_refused_optimisation_profile_stops_the_build(onnx_models, fake_trt, tmp_path):
+    trt = fake_trt("10.3.0")
+    trt.faults["profile_refused"] = True  # add_optimization_profile returns -1
+    with pytest.raises(export.ExportError, match="refused the optimisation profile"):
+        export.build_engine(onnx_models["paths"], tmp_path / "m.engine", "fp32", SIZE, 8)
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_engine_buffers_come_from_cuda_python(onnx_models, fake_trt, cpu_cuda, tmp_path):
+    """One device buffer per input and output, sized for the profile's largest batch, allocated
+    once and freed with the runner; the stream handed to TensorRT is cuda-python's."""
+    import gc
+
+    trt = fake_trt("10.3.0")
+    run, _ = backends.load_model(build(onnx_models["paths"], tmp_path, max_batch=4))
+    run(channels_last_batch(9)[0])
+    calls = [name for name, _ in cpu_cuda.record["calls"]]
+    assert calls.count("cudaMalloc") == 3 and calls.count("cudaStreamCreate") == 1
+    sizes = sorted(cpu_cuda.record["allocations"].values())
+    assert sizes == sorted([4 * 3 * SIZE * SIZE * 4, 4 * 2 * 4, 4 * 4])  # input, logits, prob
+    assert set(trt.record["executed"]) == {7}
+    del run
+    gc.collect()
+    assert sorted(cpu_cuda.record["freed"]) == sorted(cpu_cuda.record["allocations"])
+
+
+@pytest.mark.parametrize("missing", ["cuda-python", "gpu"])
+def test_engine_without_cuda_python_or_gpu_is_one_line(
+    onnx_models, fake_trt, cpu_cuda, tmp_path, monkeypatch, capsys, missing
+):
+    from conftest import synthetic_image
+
+    fake_trt("10.3.0")
+    engine = build(onnx_models["paths"], tmp_path)
+    if missing == "gpu":
+        cpu_cuda.faults["no_device"] = True
+    else:
+        for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+            monkeypatch.setitem(sys.modules, name, None)  # `import cuda...` fails
+        monkeypatch.setattr(backends, "cuda_runtime", REAL_CUDA_RUNTIME)
+    synthetic_image("real", 0, 40).save(tmp_path / "a.png")
+    assert infer.main([str(tmp_path / "a.png"), "--model", str(engine), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert ("pip install cuda-python" if missing == "cuda-python" else "need a CUDA GPU") in err
+
+
+def test_fake_cuda_runtime_has_the_real_call_shapes(cpu_cuda):
+    """Where cuda-python is installed (torch's CUDA wheels bring it), every call the fake
+    implements takes the same arguments and returns the same (cudaError_t, *values) tuple as the
+    real one, with or without a GPU (without one each returns an error code)."""
+    try:
+        from cuda.bindings import runtime as real
+    except ImportError:
+        pytest.skip("cuda-python is not installed here")
+    host = np.zeros(4, np.float32)
+    for rt in (cpu_cuda, real):
+        shapes = {}
+        error, stream = rt.cudaStreamCreate()
+        stream = stream if error == rt.cudaError_t.cudaSuccess else rt.cudaStream_t(0)
+        error, pointer = rt.cudaMalloc(16)
+        pointer = pointer if error == rt.cudaError_t.cudaSuccess else 0
+        kinds = rt.cudaMemcpyKind
+        calls = {
+            "cudaGetDeviceCount": (), "cudaGetDevice": (), "cudaGetDeviceProperties": (0,),
+            "cudaMemcpyAsync": (pointer, host.ctypes.data, 0, kinds.cudaMemcpyHostToDevice, stream),
+            "cudaStreamSynchronize": (stream,), "cudaFree": (pointer,),
+        }  # fmt: skip
+        for name, args in calls.items():
+            result = getattr(rt, name)(*args)
+            assert isinstance(result, tuple) and isinstance(result[0], rt.cudaError_t), name
+            shapes[name] = len(result)
+        assert int(stream) >= 0 and int(rt.cudaError_t.cudaSuccess) == 0
+        if rt is cpu_cuda:
+            fake_shapes = shapes
+    assert shapes == fake_shapes
+
+
+def test_engine_from_onnx_needs_no_torch(onnx_models, tmp_path):
+    """export.py --tensorrt --from-onnx and infer.py with the engine, in a Python where torch
+    cannot be imported (the fakes stand in for TensorRT and cuda-python)."""
+    from conftest import synthetic_image
+
+    shutil.copy(onnx_models["paths"]["fp32"], tmp_path / "facecheck.onnx")
+    shutil.copy(onnx_models["paths"]["fp16"], tmp_path / "facecheck.fp16.onnx")
+    synthetic_image("fake", 1, 40).save(tmp_path / "a.png")
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    (poisoned / "torch.py").write_text("raise ImportError('torch was imported')\n")
+    out, engine = tmp_path / "facecheck.onnx", tmp_path / "facecheck.fp16.engine"
+    driver = "\n".join([
+        "import sys",
+        f"sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}]",
+        "import fake_tensorrt, backends, export, infer",
+        "sys.modules['tensorrt'] = fake_tensorrt.make_module('10.3.0')",
+        "runtime = fake_tensorrt.make_cudart()",
+        "backends.cuda_runtime = lambda: runtime",
+        f"assert export.main(['--tensorrt', '--from-onnx', '--fp16', '--out', {str(out)!r}]) == 0",
+        f"assert infer.main([{str(tmp_path / 'a.png')!r}, '--model', {str(engine)!r}, "
+        f"'--csv', {str(tmp_path / 'p.csv')!r}, '--quiet']) == 0",
+        "assert 'torch' not in sys.modules",
+    ])  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(poisoned)}
+    result = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].endswith(",ok")
+
+
 # Part 3: the inference path must run on a Jetson's Python (3.10 on JetPack 6, 3.8 on JetPack 5).
 
-INFERENCE_FILES = ["infer.py", "common.py", "model.py"]
+INFERENCE_FILES = ["infer.py", "backends.py", "calibrate.py", "common.py", "model.py"]
 
 
 def test_inference_path_lints_for_python_38():
@@ -606,20 +760,14 @@ def test_inference_path_compiles_on_jetson_python(version):
 # Real hardware: only where tensorrt imports and a CUDA GPU is visible.
 
 
-def real_tensorrt():
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not real_tensorrt(), reason="needs the tensorrt package and a CUDA GPU")
+@pytest.mark.skipif(
+    export.tensorrt_problem() is not None, reason="needs tensorrt, cuda-python and a CUDA GPU"
+)
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_real_engine_parity(onnx_models, tmp_path, precision):
     engine = build(onnx_models["paths"], tmp_path, precision, max_batch=16)
-    run, meta = infer.load_model(engine)
+    run, meta = backends.load_model(engine)
     batch, contiguous = channels_last_batch(20)
     reference = ort_logits(onnx_models["paths"]["fp32"], contiguous)
     limit = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.5}[precision]
