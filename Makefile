@@ -1,5 +1,6 @@
-# The two Quick start commands: `make all` (set up, then the whole pipeline on data/raw)
-# and `make test` (set up, then the test suite). Each step is a plain script you can rerun alone.
+# Quick start: `make demo` (set up, then the shipped model on examples/) and `make test` (set up,
+# then the test suite). Reproduce: `make all` (set up, then the whole pipeline on data/raw).
+# Each step is a plain script you can rerun alone.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,11 +8,21 @@ RAW    := data/raw
 DATA   := data/faces
 RUN    := runs/attention-off
 TRAIN_ARGS ?=   # extra train.py flags, e.g. make all TRAIN_ARGS="--epochs 1" for a quick dry run
+DEMO   := out/demo
 
-.PHONY: all setup check-raw prepare train evaluate export infer test lint clean
+# The demo's environment. To give it the light, torch-free one, make this line `DEMO_VENV := .venv-infer`.
+DEMO_VENV := .venv-infer
+
+.PHONY: all demo setup check-raw prepare train evaluate export infer test lint clean
 
 # prepare -> train -> evaluate -> export -> classify the test images with the exported model
 all: setup check-raw prepare train evaluate export infer
+
+# The shipped model (models/facecheck.onnx, infer.py's default) on the photos in examples/.
+demo: $(DEMO_VENV)/.installed
+	rm -rf $(DEMO)
+	$(DEMO_VENV)/bin/python infer.py examples --csv $(DEMO)/predictions.csv --save $(DEMO)/boxed
+	@echo "One row per face: $(DEMO)/predictions.csv; the photos with each face boxed and labelled: $(DEMO)/boxed/"
 
 setup: $(VENV)/.installed
 
@@ -19,6 +30,13 @@ $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+# Enough to run infer.py on .onnx models (no torch, no training).
+.venv-infer/.installed: requirements-infer.txt
+	$(PYTHON) -m venv .venv-infer
+	.venv-infer/bin/python -m pip install --quiet --upgrade pip
+	.venv-infer/bin/python -m pip install --quiet -r requirements-infer.txt
 	touch $@
 
 check-raw:
@@ -64,4 +82,4 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(DATA) runs
+	rm -rf $(DATA) runs $(DEMO)
