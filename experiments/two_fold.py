@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from lofo import score, write_subset  # noqa: E402
 
 from common import atomic_write, read_manifest  # noqa: E402
+from demographics import called_real_by_group  # noqa: E402
 from model import count_parameters, load_checkpoint  # noqa: E402
 
 # Each half: a small FFHQ-like real set against a StyleGAN2 set of the same look, web photos,
@@ -98,27 +99,29 @@ def accuracy(prob, is_fake, threshold):
 
 
 def score_fold(model, ckpt, rows, trained_on):
-    """The seen half's test split and every image of the unseen half, at the run's threshold."""
+    """The seen half's test split and every image of the unseen half, at the run's threshold
+    (and its unsure band: how many unseen faces land in it, how right the confident calls are)."""
     t = ckpt["threshold"]
-    unseen_sources = FOLDS[OTHER[trained_on]]
+    band = ckpt.get("unsure_band") or [t, t]
     seen_test = [r for r in rows if r["split"] == "test" and r["source"] in _sources(trained_on)]
     prob_seen = score(model, seen_test)
     labels_seen = np.array([r["label"] == "fake" for r in seen_test])
-    per_source, probs, labels = {}, [], []
-    for label in ("real", "fake"):
-        for source in unseen_sources[label]:
-            unseen = [r for r in rows if r["source"] == source]
-            if not unseen:
-                continue
-            prob = score(model, unseen)
-            per_source[source] = {"label": label, "n": len(unseen),
-                                  "accuracy": accuracy(prob, label == "fake", t)}  # fmt: skip
-            probs.append(prob)
-            labels.append(np.full(len(prob), label == "fake"))
+    unseen = [r for r in rows if r["source"] in _sources(OTHER[trained_on])]
+    prob = score(model, unseen)
+    is_fake = np.array([r["label"] == "fake" for r in unseen])
+    per_source = {}
+    for source in _sources(OTHER[trained_on]):
+        mine = np.array([r["source"] == source for r in unseen])
+        if mine.any():
+            per_source[source] = {"label": "fake" if is_fake[mine][0] else "real",
+                                  "n": int(mine.sum()),
+                                  "accuracy": accuracy(prob[mine], is_fake[mine][0], t)}  # fmt: skip
     class_means = [
         np.mean([s["accuracy"] for s in per_source.values() if s["label"] == label])
         for label in ("real", "fake")
     ]
+    confident = (prob >= max(band[1], t)) | (prob < min(band[0], t))
+    groups = called_real_by_group(unseen, prob, t, band)
     return {
         "trained_on": trained_on,
         "threshold": t,
@@ -130,7 +133,11 @@ def score_fold(model, ckpt, rows, trained_on):
         "worst_unseen_real": min(
             (s["accuracy"], k) for k, s in per_source.items() if s["label"] == "real"
         ),
-        "unseen_auc": float(roc_auc_score(np.concatenate(labels), np.concatenate(probs))),
+        "unseen_auc": float(roc_auc_score(is_fake, prob)),
+        "unseen_unsure_share": float(1 - confident.mean()),
+        "unseen_confident_accuracy": accuracy(prob[confident], is_fake[confident], t),
+        "unseen_demographic_gap": groups["gap"]["gap"] if groups and groups["gap"] else None,
+        "unseen_demographics": groups,
         "unseen_per_source": per_source,
     }
 
@@ -151,22 +158,55 @@ def run_candidate(args):
         sys.exit(f"error: {out} was measured with other flags; pick another --name")
     result |= {"name": args.name, "train_args": args.train_args, "epochs": args.epochs}
     for fold in args.folds:
-        if fold in result["folds"]:
+        run = Path(args.runs) / args.name / f"train-on-{fold}"
+        recorded = result["folds"].get(fold)
+        if recorded and "unseen_demographics" not in recorded and (run / "done").exists():
+            model, ckpt = load_checkpoint(run / "best.pt")  # recorded before these columns
+            result["folds"][fold] = recorded | score_fold(model, ckpt, rows, fold)
+            result["folds"][fold]["ort_ms_batch1"] = ort_milliseconds(model)
+            save(out, result)
+            continue
+        if recorded:
             print(f"fold {fold}: recorded in {out}, reused", flush=True)
             continue
         keep = set(_sources(fold))
         others = sorted({r["source"] for r in rows} - keep)
         subset = write_subset(data, rows, others, name=f"fold-{fold}")
-        run = Path(args.runs) / args.name / f"train-on-{fold}"
         start = time.time()
         model, ckpt = train_fold(subset, run, args.epochs, args.train_args)
         result["folds"][fold] = score_fold(model, ckpt, rows, fold) | {
             "train_minutes": _train_minutes(run, start),
             "params": count_parameters(model),
+            "ort_ms_batch1": ort_milliseconds(model),
         }
-        print(json.dumps(result["folds"][fold]), flush=True)
-        text = json.dumps(result, indent=2) + "\n"
-        atomic_write(out, lambda tmp, text=text: Path(tmp).write_text(text))
+        print(json.dumps({k: v for k, v in result["folds"][fold].items()
+                          if not isinstance(v, dict)}), flush=True)  # fmt: skip
+        save(out, result)
+
+
+def ort_milliseconds(model, runs=200):
+    """Median ONNX Runtime CPU time of one face (batch 1), the model as export.py writes it."""
+    import onnxruntime as ort
+
+    from export import to_onnx
+
+    size = model.config["image_size"]
+    session = ort.InferenceSession(
+        to_onnx(model.eval(), size).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, {"input": x})
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times[20:]))
+
+
+def save(path, result):
+    """After every fold: a cut call keeps what it measured."""
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _train_minutes(run, start):
@@ -183,7 +223,7 @@ def _train_minutes(run, start):
 
 
 def write_table(results_dir):
-    """One row per candidate: the mean of its folds."""
+    """One row per candidate: the mean of its folds (the worst real source: the worst of both)."""
     rows = []
     for path in sorted(Path(results_dir).glob("*.json")):
         r = json.loads(path.read_text())
@@ -192,24 +232,31 @@ def write_table(results_dir):
             continue
 
         def mean(key, folds=folds):
-            return np.mean([f[key] for f in folds])
+            values = [f[key] for f in folds if f.get(key) is not None]
+            return f"{np.mean(values):.3f}" if values else "-"
 
-        worst = min(f["worst_unseen_real"] for f in folds)
+        worst = min(tuple(f["worst_unseen_real"]) for f in folds)
+        ms = folds[0].get("ort_ms_batch1")
         rows.append(
             f"| {r['name']} | `{' '.join(r['train_args']) or '(defaults)'}` | "
             f"{''.join(sorted(r['folds']))} | {folds[0]['params']:,} | "
-            f"{mean('train_minutes'):.0f} | {mean('seen_test_accuracy'):.3f} | "
-            f"{mean('unseen_balanced_accuracy'):.3f} | {mean('unseen_real_accuracy'):.3f} | "
-            f"{mean('unseen_fake_accuracy'):.3f} | {worst[0]:.3f} ({worst[1]}) | "
-            f"{mean('unseen_auc'):.3f} |"
+            f"{'-' if ms is None else f'{ms:.2f}'} | {float(mean('train_minutes')):.0f} | "
+            f"{mean('seen_test_accuracy')} | {mean('unseen_balanced_accuracy')} | "
+            f"{mean('unseen_real_accuracy')} | {mean('unseen_fake_accuracy')} | "
+            f"{worst[0]:.3f} ({worst[1]}) | {mean('unseen_auc')} | "
+            f"{mean('unseen_demographic_gap')} | {mean('unseen_unsure_share')} | "
+            f"{mean('unseen_confident_accuracy')} |"
         )
     header = (
-        "| candidate | train.py flags | folds | params | train min / fold | seen test acc | "
-        "unseen balanced acc | unseen real | unseen fake | worst unseen real | unseen AUC |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| candidate | train.py flags | folds | params | ORT ms (batch 1) | train min / fold | "
+        "seen test acc | unseen balanced acc | unseen real | unseen fake | worst unseen real | "
+        "unseen AUC | unseen demographic gap | unseen unsure | unseen confident right |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     text = (
         "# Yardstick: source-disjoint 2-fold (experiments/two_fold.py)\n\n"
+        "Each row: trained on one half of the sources, scored on every image of the other half "
+        "(unseen), then swapped; the mean of the two folds at the run's own threshold.\n\n"
         f"Fold a: {FOLDS['a']}\n\nFold b: {FOLDS['b']}\n\n" + header + "\n".join(rows) + "\n"
     )
     atomic_write(Path(results_dir).with_suffix(".md"), lambda tmp: Path(tmp).write_text(text))
