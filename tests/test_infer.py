@@ -318,16 +318,6 @@ def test_unsure_band_saved_copies_and_json(folder, models, tmp_path, capsys):
     assert not (folder / "boxed").exists()
 
 
-def test_decision_rule():
-    assert infer.decision(0.7, 0.5, [0.3, 0.6]) == "fake"
-    assert infer.decision(0.6, 0.5, [0.3, 0.6]) == "fake"
-    assert infer.decision(0.45, 0.5, [0.3, 0.6]) == "unsure"
-    assert infer.decision(0.55, 0.5, [0.3, 0.6]) == "unsure"
-    assert infer.decision(0.29, 0.5, [0.3, 0.6]) == "real"
-    assert infer.decision(0.5, 0.5, [0.5, 0.5]) == "fake"  # no band: the plain threshold
-    assert infer.decision(0.4999, 0.5, [0.5, 0.5]) == "real"
-
-
 def test_saved_copy_names_keep_jpeg_names_and_never_collide(tmp_path):
     folder = tmp_path / "in"
     files = [folder / "a.jpg", folder / "a.JPEG", folder / "a.png", folder / "sub" / "b.jpg",
