@@ -256,7 +256,11 @@ def write_table(results_dir):
     text = (
         "# Yardstick: source-disjoint 2-fold (experiments/two_fold.py)\n\n"
         "Each row: trained on one half of the sources, scored on every image of the other half "
-        "(unseen), then swapped; the mean of the two folds at the run's own threshold.\n\n"
+        "(unseen), then swapped; the mean of the two folds at the run's own threshold. Unseen "
+        "demographic gap: best minus worst group in real faces called real among the unseen "
+        "labelled faces (utkface when fold b trained, allagefaces when fold a did). ORT ms: "
+        "timed right after training on the shared 2-core CPU, other runs beside it: a rough "
+        "figure, for the real one see bench/speed.py.\n\n"
         f"Fold a: {FOLDS['a']}\n\nFold b: {FOLDS['b']}\n\n" + header + "\n".join(rows) + "\n"
     )
     atomic_write(Path(results_dir).with_suffix(".md"), lambda tmp: Path(tmp).write_text(text))
