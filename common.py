@@ -516,8 +516,8 @@ def to_model_input(images_uint8):
     Mean/std normalisation lives inside the model (and so inside the ONNX graph)."""
     import torch
 
-    if isinstance(images_uint8, np.ndarray):
-        images_uint8 = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2)
+    if isinstance(images_uint8, np.ndarray):  # the very conversion ONNX Runtime gets
+        return torch.from_numpy(to_model_array(images_uint8))
     return images_uint8.float().div_(255.0)
 
 
