@@ -96,11 +96,13 @@ def build(paths, tmp_path, precision="fp32", max_batch=8, name=None):
 
 
 def channels_last_batch(n, seed=0):
-    """What infer.classify hands the model: to_model_input of N x S x S x 3 uint8, a
-    channels-last view of an N x 3 x S x S array."""
+    """A channels-last view of an N x 3 x S x S float array: the layout an older
+    to_model_input handed the engine, and any caller still may (a transposed NHWC array)."""
     images = np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
-    batch = to_model_input(images).numpy()
-    return batch, np.ascontiguousarray(batch)
+    batch = (images.astype(np.float32) / np.float32(255.0)).transpose(0, 3, 1, 2)
+    contiguous = np.ascontiguousarray(batch)
+    np.testing.assert_array_equal(contiguous, to_model_input(images).numpy())
+    return batch, contiguous
 
 
 def ort_logits(path, x):
