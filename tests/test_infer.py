@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import os
 import struct
 import subprocess
@@ -358,3 +359,30 @@ def test_metadata_round_trip_is_the_checkpoint_deployment_metadata(models):
     assert from_onnx["backend"].startswith("ONNX Runtime") and from_pt["backend"].startswith(
         "PyTorch"
     )
+
+
+def test_blazeface_finder_frames_the_example_photos_like_mtcnn(tmp_path, capsys):
+    """--finder blazeface on the shipped example photos: the same faces as MTCNN (box IoU),
+    the finder named in the JSON summary, and a clear error for an unknown finder."""
+    examples, model = ROOT / "examples", ROOT / "models" / "facecheck.onnx"
+    rows = {}
+    for finder in ("mtcnn", "blazeface"):
+        out = tmp_path / f"{finder}.json"
+        args = [examples, "--model", model, "--finder", finder, "--csv", tmp_path / "p.csv"]
+        rc, _, err = run([*args, "--json", out, "--quiet"], capsys)
+        assert rc == 0, err
+        report = json.loads(out.read_text())
+        assert report["summary"]["faces_found_by"] == finder
+        rows[finder] = [r for r in report["rows"] if r["status"] == "ok"]
+    assert len(rows["mtcnn"]) == len(rows["blazeface"]) >= 12
+    for a, b in zip(rows["mtcnn"], rows["blazeface"]):
+        ax, bx = [a[k] for k in ("x0", "y0", "x1", "y1")], [b[k] for k in ("x0", "y0", "x1", "y1")]
+        w = max(0.0, min(ax[2], bx[2]) - max(ax[0], bx[0]))
+        h = max(0.0, min(ax[3], bx[3]) - max(ax[1], bx[1]))
+        area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+        assert w * h / (area(ax) + area(bx) - w * h) > 0.8, (a, b)
+    # A different finder really ran: its boxes are close to MTCNN's, not the same.
+    assert any(a["x0"] != b["x0"] for a, b in zip(rows["mtcnn"], rows["blazeface"]))
+    with pytest.raises(SystemExit):
+        infer.parse_args([str(examples), "--finder", "yunet"])
+    assert "invalid choice: 'yunet'" in capsys.readouterr().err

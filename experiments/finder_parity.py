@@ -1,0 +1,182 @@
+"""Does the classifier give the same verdicts when BlazeFace, not MTCNN, finds the faces?
+
+    python experiments/finder_parity.py --model models/facecheck.onnx --split test \\
+        --json results/finder-parity.json --md results/finder-parity.md
+
+The model was trained on crops framed from MTCNN's landmarks. infer.py --finder blazeface lets
+BlazeFace propose the faces and MTCNN's last stage (the O-net) give the landmarks, so the
+framing should barely move (results/detector-blazeface.md: median framing IoU 0.97). This
+measures what that costs the verdicts: every photo of a split of the prepared dataset (its
+original under data/raw, as the manifest names it) goes through the product path twice,
+common.face_inputs with FaceDetector(finder="mtcnn") and with finder="blazeface", and the
+largest face of each through the model (backends.load_model: .onnx, .pt). Reported per source
+and overall: photos with a face, accuracy at the model's threshold for each finder, labels that
+agree, the mean and the largest |prob_fake difference|, and McNemar's exact test on the photos
+that one finder gets right and the other wrong (scipy.stats.binomtest on the discordant pairs).
+"""
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import binomtest
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from backends import load_model  # noqa: E402
+from common import (  # noqa: E402
+    FaceDetector,
+    atomic_write,
+    decode_image,
+    face_inputs,
+    read_manifest,
+    to_model_array,
+)
+
+FINDERS = ("mtcnn", "blazeface")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    # fmt: off
+    p.add_argument("--model", default="models/facecheck.onnx", help="a .onnx or .pt model (default %(default)s)")
+    p.add_argument("--data", default="data/faces", help="prepared dataset whose manifest names the photos (default %(default)s)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split's photos (default test)")
+    p.add_argument("--per-source", type=int, default=0, help="at most this many photos a source, 0 = all (default 0)")
+    p.add_argument("--workers", type=int, default=2, help="threads that decode and find faces (default 2)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--md", help="write the table here")
+    # fmt: on
+    return p.parse_args(argv)
+
+
+def largest_face_input(path, size, detectors):
+    """The model input of the largest face each finder frames in the photo (None: no face)."""
+    rgb = decode_image(path)
+    faces = {name: face_inputs(rgb, size, det) for name, det in detectors.items()}
+    return {name: (found[0][1] if found else None) for name, found in faces.items()}
+
+
+def compare(rows, probs, threshold):
+    """Per source and overall: the counts and accuracies of the two finders on rows."""
+    groups = defaultdict(list)
+    for k, row in enumerate(rows):
+        groups[row["source"]].append(k)
+        groups["all"].append(k)
+    table = {}
+    for source, index in sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0])):
+        both = [k for k in index if all(probs[f][k] is not None for f in FINDERS)]
+        truth = np.array([rows[k]["label"] == "fake" for k in both])
+        p = {f: np.array([probs[f][k] for k in both]) for f in FINDERS}
+        right = {f: (p[f] >= threshold) == truth for f in FINDERS}
+        only_a = int((right["mtcnn"] & ~right["blazeface"]).sum())
+        only_b = int((right["blazeface"] & ~right["mtcnn"]).sum())
+        diff = np.abs(p["mtcnn"] - p["blazeface"]) if both else np.zeros(1)
+        table[source] = {
+            "label": rows[index[0]]["label"] if source != "all" else "",
+            "photos": len(index),
+            **{f"with_face_{f}": sum(probs[f][k] is not None for k in index) for f in FINDERS},
+            "both": len(both),
+            **{f"accuracy_{f}": float(right[f].mean()) if both else None for f in FINDERS},
+            "labels_agree": float(
+                ((p["mtcnn"] >= threshold) == (p["blazeface"] >= threshold)).mean()
+            )
+            if both
+            else None,
+            "mean_abs_prob_difference": float(diff.mean()),
+            "max_abs_prob_difference": float(diff.max()),
+            "only_mtcnn_right": only_a,
+            "only_blazeface_right": only_b,
+            "mcnemar_p": float(binomtest(only_a, only_a + only_b).pvalue)
+            if only_a + only_b
+            else 1.0,
+        }
+    return table
+
+
+def markdown(result):
+    lines = [
+        "# The classifier with faces found by BlazeFace instead of MTCNN "
+        "(experiments/finder_parity.py)",
+        "",
+        f"Model {result['model']} (threshold {result['threshold']:.4f}), the {result['split']} "
+        f"split of {result['data']}: every photo's original through common.face_inputs with "
+        "each finder, the largest face classified. Accuracy on the photos where both found a "
+        "face; McNemar: exact binomial test on the photos only one finder gets right.",
+        "",
+        "| source | class | photos | with a face: mtcnn / blazeface | accuracy mtcnn | "
+        "accuracy blazeface | labels agree | mean / max abs prob diff | only mtcnn right / "
+        "only blazeface right | McNemar p |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for source, r in result["per_source"].items():
+        name = f"**{source}**" if source == "all" else source
+        lines.append(
+            f"| {name} | {r['label']} | {r['photos']} | {r['with_face_mtcnn']} / "
+            f"{r['with_face_blazeface']} | {r['accuracy_mtcnn']:.3f} | "
+            f"{r['accuracy_blazeface']:.3f} | {r['labels_agree']:.3f} | "
+            f"{r['mean_abs_prob_difference']:.3f} / {r['max_abs_prob_difference']:.3f} | "
+            f"{r['only_mtcnn_right']} / {r['only_blazeface_right']} | {r['mcnemar_p']:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run, meta = load_model(args.model)
+    if meta.get("faces") != "mtcnn":
+        sys.exit(f"error: {args.model} was trained on whole images (faces={meta.get('faces')})")
+    rows = read_manifest(args.data, args.split)
+    if args.per_source:
+        by_source = defaultdict(list)
+        for r in rows:
+            by_source[r["source"]].append(r)
+        rows = [r for group in by_source.values() for r in group[: args.per_source]]
+    if not rows:
+        sys.exit(f"error: no {args.split} rows in {args.data}/manifest.csv")
+    detectors = {f: FaceDetector(finder=f) for f in FINDERS}
+    size = meta["image_size"]
+    with ThreadPoolExecutor(args.workers) as pool:
+        inputs = list(
+            tqdm(
+                pool.map(lambda r: largest_face_input(ROOT / r["original"], size, detectors), rows),
+                total=len(rows),
+                desc="find faces",
+            )
+        )
+    probs = {}
+    for f in FINDERS:
+        index = [k for k, x in enumerate(inputs) if x[f] is not None]
+        p = [None] * len(rows)
+        for start in range(0, len(index), 64):
+            chunk = index[start : start + 64]
+            logits = run(to_model_array(np.stack([inputs[k][f] for k in chunk])))
+            logits = logits.astype(np.float64)
+            for k, prob in zip(chunk, 1 / (1 + np.exp(logits[:, 0] - logits[:, 1]))):
+                p[k] = float(prob)
+        probs[f] = p
+    result = {
+        "model": args.model,
+        "threshold": meta["threshold"],
+        "data": args.data,
+        "split": args.split,
+        "per_source": compare(rows, probs, meta["threshold"]),
+    }
+    text = markdown(result)
+    print(text)
+    if args.json:
+        atomic_write(args.json, lambda t: Path(t).write_text(json.dumps(result, indent=1) + "\n"))
+    if args.md:
+        atomic_write(args.md, lambda t: Path(t).write_text(text))
+
+
+if __name__ == "__main__":
+    main()
