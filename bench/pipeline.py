@@ -16,6 +16,7 @@ quality 90, written to a temporary folder outside the project). For each set:
   infer.py   `python infer.py PHOTOS... --model MODEL --csv TMP --quiet` in a subprocess, as a
              user runs it: the photos/s it reports (decoding, finding, framing and classifying
              overlapped in --workers threads) and the wall time with start-up and model loading.
+Each finder of --finders (common.FaceDetector's finder; infer.py --finder) gets both sets.
 The machine's load average is recorded with the numbers: other work on it slows them down.
 """
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from backends import load_model  # noqa: E402
 from common import (  # noqa: E402
+    FINDERS,
     FaceDetector,
     atomic_write,
     decode_image,
@@ -116,10 +118,11 @@ def stages(files, run, meta, detector, batch, csv_path):
     return rounded(wall), rounded(cpu), sum(map(len, faces)), sum(bool(f) for f in faces)
 
 
-def infer_run(files, model, csv_path, workers):
+def infer_run(files, model, csv_path, workers, finder):
     """infer.py in a subprocess: (the photos/s it reports, wall seconds with start-up)."""
     command = [sys.executable, str(ROOT / "infer.py"), *map(str, files), "--model", str(model),
-               "--csv", str(csv_path), "--quiet"] + (["--workers", str(workers)] if workers else [])  # fmt: skip
+               "--csv", str(csv_path), "--quiet", "--finder", finder] + (
+                   ["--workers", str(workers)] if workers else [])  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - started
@@ -139,6 +142,13 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32, help="faces per model call (default 32)")
     p.add_argument("--workers", type=int, default=None, help="infer.py --workers (its default)")
     p.add_argument("--seed", type=int, default=0, help="sample and scene seed (default 0)")
+    p.add_argument(
+        "--finders",
+        nargs="+",
+        choices=FINDERS,
+        default=["mtcnn"],
+        help="face finders to time, each on both sets (default mtcnn)",
+    )
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--md", default=None, help="write the table as Markdown here")
     return p.parse_args(argv)
@@ -146,12 +156,12 @@ def parse_args(argv=None):
 
 def markdown(payload):
     names = ["decode", "find", "frame", "classify", "write", "sum"]
-    lines = ["| set | photos | faces | " + " | ".join(f"{n} ms" for n in names)
+    lines = ["| set | finder | photos | faces | " + " | ".join(f"{n} ms" for n in names)
              + " | ceiling photos/s | infer.py photos/s | infer.py wall s |",
-             "|---|---|---|" + "---|" * (len(names) + 3)]  # fmt: skip
-    for name, r in payload["sets"].items():
+             "|---|---|---|---|" + "---|" * (len(names) + 3)]  # fmt: skip
+    for r in payload["sets"]:
         wall, cpu = r["stages_ms_per_photo"], r["stages_cpu_ms_per_photo"]
-        lines.append(f"| {name} | {r['photos']} | {r['faces']} | "
+        lines.append(f"| {r['set']} | {r['finder']} | {r['photos']} | {r['faces']} | "
                      + " | ".join(f"{wall[n]} ({cpu[n]})" for n in names)
                      + f" | {r['cpu_bound_photos_per_s']} | {r['infer_photos_per_s']} | {r['infer_wall_s']} |")  # fmt: skip
     lines += ["", "Stages: ms per photo, each stage alone on one thread: wall time (CPU time "
@@ -171,27 +181,29 @@ def main(argv=None):
     if meta.get("faces") != "mtcnn":
         sys.exit(f"error: {args.model} takes whole images (faces: {meta.get('faces')}); "
                  "this bench times the face finder too")  # fmt: skip
-    detector = FaceDetector()
-    detector(np.zeros((64, 64, 3), np.uint8))  # warm-up
     files = sample_photos(args.raw, args.photos, args.seed)
     load_before = [round(v, 2) for v in os.getloadavg()]
-    sets = {}
+    sets = []
     with tempfile.TemporaryDirectory(prefix="facecheck-pipeline-") as tmp:
         scene_dir = Path(tmp) / "scenes"
         scene_dir.mkdir()
-        for name, photos in [("photos as they are", files),
-                             ("in 1280x960 scenes", write_scenes(files, scene_dir, args.seed))]:  # fmt: skip
-            wall, cpu, faces, with_face = stages(photos, run, meta, detector, args.batch,
-                                                 Path(tmp) / "stages.csv")  # fmt: skip
-            per_s, seconds, summary = infer_run(
-                photos, args.model, Path(tmp) / "p.csv", args.workers
-            )
-            sets[name] = {"photos": len(photos), "faces": faces, "with_face": with_face,
-                          "stages_ms_per_photo": wall, "stages_cpu_ms_per_photo": cpu,
-                          "cpu_bound_photos_per_s": round(1000 * os.cpu_count() / cpu["sum"], 1),
-                          "infer_photos_per_s": per_s,
-                          "infer_wall_s": seconds, "infer_summary": summary}  # fmt: skip
-            print(json.dumps({name: sets[name]}), flush=True)
+        scenes = write_scenes(files, scene_dir, args.seed)
+        for finder in args.finders:
+            detector = FaceDetector(finder=finder)
+            detector(np.zeros((64, 64, 3), np.uint8))  # warm-up
+            for name, photos in [("photos as they are", files), ("in 1280x960 scenes", scenes)]:
+                wall, cpu, faces, with_face = stages(photos, run, meta, detector, args.batch,
+                                                     Path(tmp) / "stages.csv")  # fmt: skip
+                per_s, seconds, summary = infer_run(
+                    photos, args.model, Path(tmp) / "p.csv", args.workers, finder
+                )
+                sets.append({"set": name, "finder": finder, "photos": len(photos), "faces": faces,
+                             "with_face": with_face, "stages_ms_per_photo": wall,
+                             "stages_cpu_ms_per_photo": cpu,
+                             "cpu_bound_photos_per_s": round(1000 * os.cpu_count() / cpu["sum"], 1),
+                             "infer_photos_per_s": per_s,
+                             "infer_wall_s": seconds, "infer_summary": summary})  # fmt: skip
+                print(json.dumps(sets[-1]), flush=True)
     payload = {
         "sets": sets, "model": args.model, "seed": args.seed, "cpus": os.cpu_count(),
         "load_average_before": load_before,
