@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     read_manifest,
     to_model_array,
 )
+from infer import fake_probability  # noqa: E402
 
 FINDERS = ("mtcnn", "blazeface")
 
@@ -159,8 +160,7 @@ def main(argv=None):
         for start in range(0, len(index), 64):
             chunk = index[start : start + 64]
             logits = run(to_model_array(np.stack([inputs[k][f] for k in chunk])))
-            logits = logits.astype(np.float64)
-            for k, prob in zip(chunk, 1 / (1 + np.exp(logits[:, 0] - logits[:, 1]))):
+            for k, prob in zip(chunk, fake_probability(logits)):  # infer.py's own softmax
                 p[k] = float(prob)
         probs[f] = p
     result = {

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backends import load_model  # noqa: E402
 from common import atomic_write  # noqa: E402
 
 PORTRAITS = ["studio_canada", "celebahq", "headshots", "dating_photos", "mebeauty", "amfd"]
@@ -67,9 +68,6 @@ def tally(rows, threshold):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    from backends import load_model
-
     _, meta = load_model(args.model)
     folders = {s: Path(args.raw) / "real" / s for s in args.sources}
     folders["examples (real)"] = sorted((ROOT / "examples").glob("real_*"))
