@@ -687,12 +687,17 @@ def load_resume(args):
 
 def saved_train_args(ckpt):
     """A checkpoint's train.py arguments with what older runs left implicit made explicit:
-    runs from before --jpeg-p re-compressed with the blur probability, --degrade-p, and those
-    from before --attention-stage put the layer after stage 2."""
+    runs from before --jpeg-p re-compressed with the blur probability, --degrade-p, those
+    from before --attention-stage put the layer after stage 2, and those from before the
+    data-v3 options (--native-p, --rotate, ...) had them off."""
     args = dict(ckpt["train_args"])
     args.setdefault("jpeg_p", args["degrade_p"])
     args.setdefault("rescale_p", 0.0)  # runs from before --rescale-p did not rescale
     args.setdefault("attention_stage", 2)  # the one place before --attention-stage
+    # Runs from before the data-v3 recipe options trained without them.
+    for key, off in (("native_p", 0.0), ("no_highpass", False), ("rotate", 0.0),
+                     ("colour", 0.0), ("mask_p", 0.0), ("residual_blocks", 0)):  # fmt: skip
+        args.setdefault(key, off)
     return args
 
 

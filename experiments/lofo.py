@@ -3,6 +3,10 @@
     python experiments/lofo.py --data data/faces --epochs 20 --out results/lofo.json
     python experiments/lofo.py --label real --epochs 20 --out results/lofo-real.json
     python experiments/lofo.py --sources ffhq sd15_portraits --epochs 6 --out results/lofo-v2.json
+    python experiments/lofo.py --label real --epochs 6 --out results/lofo-v3.json -- --no-highpass
+
+Flags after `--` go to every train.py run (the recipe to measure, e.g. the Makefile's RECIPE);
+they are recorded beside each result, and a run or result made with other flags is not reused.
 
 For each source X of the class --label (fake by default) in the prepared dataset: write a
 dataset that is the same manifest without X (images shared through a symlink, nothing
@@ -79,16 +83,20 @@ def parse_args(argv=None):
         "--runs is reused, so a cut-short call resumes",
     )
     p.add_argument("--out", default="results/lofo.json", help="default results/lofo.json")
-    return p.parse_args(argv)
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train.py flags")
+    args = p.parse_args(argv)
+    args.train_args = [a for a in args.train_args if a != "--"]
+    return args
 
 
 def wanted_recipe(args):
-    """How every run must have been trained: as asked, and otherwise with today's default
-    recipe (the defaults move when a better recipe is found, and an older run must not slip in)."""
-    defaults = vars(train_defaults([]))
-    wanted = {
-        k: defaults[k] for k in ("degrade_p", "jpeg_p", "min_crop", "rescale_p", "width", "loss")
-    }
+    """How every run must have been trained: as asked (with the flags after --), and otherwise
+    with today's default recipe (the defaults move when a better recipe is found, and an older
+    run must not slip in)."""
+    defaults = vars(train_defaults(args.train_args))
+    keys = ("degrade_p", "jpeg_p", "min_crop", "rescale_p", "width", "loss")
+    keys += ("native_p", "no_highpass", "rotate", "colour", "mask_p", "residual_blocks")
+    wanted = {k: defaults[k] for k in keys}
     patience = defaults["patience"] if args.patience is None else args.patience
     wanted |= {"epochs": args.epochs, "attention": args.attention, "patience": patience}
     if args.attention == "on":  # off runs carry no placement to check
@@ -112,7 +120,7 @@ def write_subset(data, rows, held_out, name=None):
     return subset
 
 
-def train_without(subset, run, recipe):
+def train_without(subset, run, recipe, train_args=()):
     """train.py on the subset, as a user would run it. A run counts as finished only once
     train.py returned (run/done); one cut short (a session's end, Ctrl-C) continues from its
     last.pt where it stopped. Returns the best checkpoint, refused if trained otherwise."""
@@ -125,6 +133,7 @@ def train_without(subset, run, recipe):
                    "--patience", str(recipe["patience"])]  # fmt: skip
             if "attention_stage" in recipe:
                 cmd += ["--attention-stage", str(recipe["attention_stage"])]
+            cmd += train_args
         subprocess.run(cmd, check=True, cwd=ROOT)
         (run / "done").touch()
     model, ckpt = load_checkpoint(run / "best.pt")
@@ -208,11 +217,12 @@ def hold_out(data, rows, held_out, label_of, recipe, args):
     """Train without one source, then score it: one row of the results."""
     subset = write_subset(data, rows, held_out)
     run = Path(args.runs) / f"without-{held_out}"
-    model, ckpt = train_without(subset, run, recipe)
+    model, ckpt = train_without(subset, run, recipe, args.train_args)
     result = score_held_out(model, ckpt, rows, held_out, label_of[held_out] == "fake")
     facts = run_facts(model, ckpt, run)  # training time: every epoch, and to the kept one
     times = {k: facts[k] for k in ("train_seconds", "seconds_to_best")}
-    return result | {"epochs": args.epochs, "patience": recipe["patience"], **times}
+    return result | {"epochs": args.epochs, "patience": recipe["patience"],
+                     "train_args": args.train_args, **times}  # fmt: skip
 
 
 def main(argv=None):
@@ -229,7 +239,8 @@ def main(argv=None):
     recipe = wanted_recipe(args)
     before = recorded_results(args.out)
     recorded = {r["held_out"]: r for r in before
-                if (r.get("epochs"), r.get("patience")) == (args.epochs, recipe["patience"])}  # fmt: skip
+                if (r.get("epochs"), r.get("patience"), r.get("train_args", []))
+                == (args.epochs, recipe["patience"], args.train_args)}  # fmt: skip
     kept = [r for r in before if r["held_out"] not in held_out_sources]
     results = []
     for held_out in held_out_sources:
