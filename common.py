@@ -483,7 +483,15 @@ def _session(path, threads, providers, rebuild="export.py --detector"):
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-FINDERS = ("mtcnn", "blazeface")
+FINDERS = ("mtcnn", "blazeface", "auto")
+# finder "auto": BlazeFace first, and MTCNN's whole cascade instead unless the photo is a
+# portrait: exactly one face, its side at least this share of the photo's long side. BlazeFace
+# (short range, the photo letterboxed by its long side) misses faces under about 1/6 of that
+# side; MTCNN looks down to FACE_MIN_SHARE of the short side. Its pyramid is wasted on a
+# portrait and needed in a group photo or a scene. The price: beside a face this large, a second
+# face under ~1/6 of the long side goes unseen. On bench/pipeline.py's 400 shared photos, 5 %
+# get the cascade; in bench/detector.py's several-face scenes, all (results/detector-auto.md).
+AUTO_PORTRAIT_SHARE = 1 / 3
 
 
 class FaceDetector:
@@ -493,7 +501,8 @@ class FaceDetector:
     finder "mtcnn": MTCNN's cascade (P-net pyramid, R-net, O-net); "blazeface": BlazeFace's
     boxes (the blazeface model of BLAZEFACE_MODELS), then MTCNN's O-net on each, so score and
     landmarks come from the same last stage (bench/detector.py and results/detector-blazeface.md
-    compare the two).
+    compare the two); "auto": blazeface on a portrait (one face, at least AUTO_PORTRAIT_SHARE of
+    the long side), mtcnn's cascade on any other photo.
     Detection runs on a copy no larger than max_side (bilinear); boxes are scaled back; faces
     smaller than min_face px or min_face_share of the short side are not looked for (MTCNN).
     threads: ONNX Runtime's intra-op threads per call (default 1: the nets are small, a photo
@@ -509,7 +518,7 @@ class FaceDetector:
 
         if finder not in FINDERS:
             raise ValueError(f"unknown face finder {finder!r}: choose one of {', '.join(FINDERS)}")
-        if finder == "blazeface" and blazeface not in BLAZEFACE_MODELS:
+        if finder != "mtcnn" and blazeface not in BLAZEFACE_MODELS:
             raise ValueError(f"unknown BlazeFace model {blazeface!r}: choose one of "
                              f"{', '.join(BLAZEFACE_MODELS)}")  # fmt: skip
         providers = ["CPUExecutionProvider"]
@@ -518,10 +527,12 @@ class FaceDetector:
             and "CUDAExecutionProvider" in ort.get_available_providers()
         ):
             providers.insert(0, "CUDAExecutionProvider")
-        names = ("pnet", "rnet", "onet", "integral") if finder == "mtcnn" else ("onet", "integral")
+        names = (
+            ("onet", "integral") if finder == "blazeface" else ("pnet", "rnet", "onet", "integral")
+        )
         for name in names:
             setattr(self, name, _session(Path(model_dir) / f"{name}.onnx", threads, providers))
-        if finder == "blazeface":
+        if finder != "mtcnn":
             path = Path(blazeface_dir) / f"{blazeface}.onnx"
             self.blazeface = _session(path, threads, providers, "export.py --blazeface WHEEL")
             self.blazeface_size, strides, per_layer = BLAZEFACE_MODELS[blazeface]
@@ -546,9 +557,22 @@ class FaceDetector:
                 [np.asarray(Image.fromarray(im).resize(size, Image.BILINEAR)) for im in images]
             )
         detect = self.detect if self.finder == "mtcnn" else self.detect_blazeface
-        boxes, points, image_index = detect(images)
-        found = [[] for _ in images]
-        for box, pts, k in zip(boxes, points, image_index):
+        found = self._faces(detect(images), len(images), scale, w, h)
+        if self.finder == "auto":
+            side = lambda f: max(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1])  # noqa: E731
+            scenes = [k for k, faces in enumerate(found)
+                      if len(faces) != 1 or side(faces[0]) < AUTO_PORTRAIT_SHARE * max(h, w)]  # fmt: skip
+            if scenes:
+                cascade = self._faces(self.detect(images[scenes]), len(scenes), scale, w, h)
+                for k, faces in zip(scenes, cascade):
+                    found[k] = faces
+        return found
+
+    def _faces(self, detected, n, scale, w, h):
+        """detect's (boxes, landmarks, image index) -> each of n photos' faces of min_score or
+        more as dicts in the photo's pixels, largest first."""
+        found = [[] for _ in range(n)]
+        for box, pts, k in zip(*detected):
             if box[4] >= self.min_score:
                 found[k].append({"box": np.clip(box[:4] / scale, 0, [w, h, w, h]),
                                  "landmarks": pts / scale, "score": float(box[4])})  # fmt: skip

@@ -11,12 +11,16 @@ come from the model file (ONNX metadata, the engine's .json, the checkpoint), so
 has to match by hand.
 
 Preprocessing is training's own, imported from common.py: EXIF orientation applied, any mode
-(grayscale, RGBA on white, CMYK, 16-bit, palette) to 8-bit RGB; MTCNN (common.FaceDetector)
-finds the faces, and each is framed from its five landmarks exactly as prepare_data.py framed
-the training faces (common.face_inputs). --finder blazeface lets BlazeFace propose the faces
-in one pass (about 6x faster on portrait photos) and MTCNN's last stage frame them; it misses
-faces smaller than about a sixth of the photo (results/detector-blazeface.md). A model trained
-on already-cropped faces (metadata faces=whole) takes the centred square of each image instead.
+(grayscale, RGBA on white, CMYK, 16-bit, palette) to 8-bit RGB; common.FaceDetector finds the
+faces, and each is framed from its five landmarks (MTCNN's last stage, the O-net) exactly as
+prepare_data.py framed the training faces (common.face_inputs). --finder: mtcnn (default)
+runs MTCNN's whole cascade on every photo, as prepare_data.py does; auto lets BlazeFace propose
+the faces in one pass and runs the cascade only on photos that are not a one-face portrait (a
+group, a scene, no face found): about 4x faster on portraits, the same faces in scenes, but
+beside a face of a third of the photo or more, a second face under about a sixth of it goes
+unseen (results/detector-auto.md); blazeface never runs the cascade and misses faces under
+about a sixth of the photo wherever they are (results/detector-blazeface.md). A model trained on already-cropped faces (metadata
+faces=whole) takes the centred square of each image instead.
 
 Folders are searched recursively for .jpg .jpeg .png .webp .bmp .gif; files named on the
 command line are tried whatever their extension. Decoding, face finding and framing run in a
@@ -85,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32, help="images per model call (default 32)")
     p.add_argument("--threshold", type=float, help="predict fake when prob_fake >= this, with no unsure band (default: the model's threshold and band, chosen on validation)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads that decode, find and frame faces (default min(4, CPUs))")
-    p.add_argument("--finder", choices=FINDERS, default="mtcnn", help="face finder: mtcnn finds faces down to 7%% of the photo's short side; blazeface is ~6x faster on portraits but misses faces under ~1/6 of the photo, as in group photos (default mtcnn)")
+    p.add_argument("--finder", choices=FINDERS, default="mtcnn", help="face finder: mtcnn = the full cascade, faces down to 7%% of the short side (default); auto = blazeface on one-face portraits (~4x faster), mtcnn elsewhere; blazeface = fastest, misses faces under ~1/6 of the photo")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--save", metavar="DIR", help="write a copy of every photo into DIR with each face boxed and labelled (real / fake / unsure and prob_fake); DIR must lie outside the inputs")
     p.add_argument("--json", metavar="PATH", help="also write the rows and the summary as JSON to PATH")
@@ -346,8 +350,9 @@ def save_annotated(rows, names, class_names, workers):
 
 def make_detector(meta, finder="mtcnn"):
     """The face detector the model's training data was framed with (None: whole images).
-    finder "blazeface" proposes the faces in one pass; MTCNN's own last stage still gives
-    the landmarks that frame them (results/detector-blazeface.md, results/finder-parity.md)."""
+    finder "blazeface" proposes the faces in one pass, "auto" too on one-face portraits; MTCNN's
+    own last stage still gives the landmarks that frame them (results/detector-auto.md,
+    results/finder-parity-auto.md)."""
     if meta.get("faces", "whole") != "mtcnn":
         return None
     from common import FaceDetector

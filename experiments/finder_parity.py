@@ -1,14 +1,16 @@
 """Does the classifier give the same verdicts when BlazeFace, not MTCNN, finds the faces?
 
     python experiments/finder_parity.py --model models/facecheck.onnx --split test \\
-        --json results/finder-parity.json --md results/finder-parity.md
+        --finder blazeface --json results/finder-parity.json --md results/finder-parity.md
+    python experiments/finder_parity.py --finder auto --json results/finder-parity-auto.json \\
+        --md results/finder-parity-auto.md
 
 The model was trained on crops framed from MTCNN's landmarks. infer.py --finder blazeface lets
 BlazeFace propose the faces and MTCNN's last stage (the O-net) give the landmarks, so the
 framing should barely move (results/detector-blazeface.md: median framing IoU 0.97). This
 measures what that costs the verdicts: every photo of a split of the prepared dataset (its
 original under data/raw, as the manifest names it) goes through the product path twice,
-common.face_inputs with FaceDetector(finder="mtcnn") and with finder="blazeface", and the
+common.face_inputs with FaceDetector(finder="mtcnn") and with --finder's, and the
 largest face of each through the model (backends.load_model: .onnx, .pt). Reported per source
 and overall: photos with a face, accuracy at the model's threshold for each finder, labels that
 agree, the mean and the largest |prob_fake difference|, and McNemar's exact test on the photos
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from backends import load_model  # noqa: E402
 from common import (  # noqa: E402
+    FINDERS,
     FaceDetector,
     atomic_write,
     decode_image,
@@ -40,7 +43,7 @@ from common import (  # noqa: E402
 )
 from infer import fake_probability  # noqa: E402
 
-FINDERS = ("mtcnn", "blazeface")
+REFERENCE = "mtcnn"  # the finder that framed the training crops (prepare_data.py)
 
 
 def parse_args(argv=None):
@@ -52,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/faces", help="prepared dataset whose manifest names the photos (default %(default)s)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split's photos (default test)")
     p.add_argument("--per-source", type=int, default=0, help="at most this many photos a source, 0 = all (default 0)")
+    p.add_argument("--finder", default="blazeface", choices=[f for f in FINDERS if f != REFERENCE], help="the finder compared with mtcnn (default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="threads that decode and find faces (default 2)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--md", help="write the table here")
@@ -67,35 +71,35 @@ def largest_face_input(path, size, detectors):
 
 
 def compare(rows, probs, threshold):
-    """Per source and overall: the counts and accuracies of the two finders on rows."""
+    """Per source and overall: the counts and accuracies of the two finders (probs' keys, the
+    reference first) on rows."""
+    a, b = probs
     groups = defaultdict(list)
     for k, row in enumerate(rows):
         groups[row["source"]].append(k)
         groups["all"].append(k)
     table = {}
     for source, index in sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0])):
-        both = [k for k in index if all(probs[f][k] is not None for f in FINDERS)]
+        both = [k for k in index if all(probs[f][k] is not None for f in probs)]
         truth = np.array([rows[k]["label"] == "fake" for k in both])
-        p = {f: np.array([probs[f][k] for k in both]) for f in FINDERS}
-        right = {f: (p[f] >= threshold) == truth for f in FINDERS}
-        only_a = int((right["mtcnn"] & ~right["blazeface"]).sum())
-        only_b = int((right["blazeface"] & ~right["mtcnn"]).sum())
-        diff = np.abs(p["mtcnn"] - p["blazeface"]) if both else np.zeros(1)
+        p = {f: np.array([probs[f][k] for k in both]) for f in probs}
+        right = {f: (p[f] >= threshold) == truth for f in probs}
+        only_a = int((right[a] & ~right[b]).sum())
+        only_b = int((right[b] & ~right[a]).sum())
+        diff = np.abs(p[a] - p[b]) if both else np.zeros(1)
         table[source] = {
             "label": rows[index[0]]["label"] if source != "all" else "",
             "photos": len(index),
-            **{f"with_face_{f}": sum(probs[f][k] is not None for k in index) for f in FINDERS},
+            **{f"with_face_{f}": sum(probs[f][k] is not None for k in index) for f in probs},
             "both": len(both),
-            **{f"accuracy_{f}": float(right[f].mean()) if both else None for f in FINDERS},
-            "labels_agree": float(
-                ((p["mtcnn"] >= threshold) == (p["blazeface"] >= threshold)).mean()
-            )
+            **{f"accuracy_{f}": float(right[f].mean()) if both else None for f in probs},
+            "labels_agree": float(((p[a] >= threshold) == (p[b] >= threshold)).mean())
             if both
             else None,
             "mean_abs_prob_difference": float(diff.mean()),
             "max_abs_prob_difference": float(diff.max()),
-            "only_mtcnn_right": only_a,
-            "only_blazeface_right": only_b,
+            f"only_{a}_right": only_a,
+            f"only_{b}_right": only_b,
             "mcnemar_p": float(binomtest(only_a, only_a + only_b).pvalue)
             if only_a + only_b
             else 1.0,
@@ -104,28 +108,27 @@ def compare(rows, probs, threshold):
 
 
 def markdown(result):
+    a, b = REFERENCE, result.get("finder", "blazeface")
     lines = [
-        "# The classifier with faces found by BlazeFace instead of MTCNN "
-        "(experiments/finder_parity.py)",
+        f"# The classifier with faces found by {b} instead of {a} (experiments/finder_parity.py)",
         "",
         f"Model {result['model']} (threshold {result['threshold']:.4f}), the {result['split']} "
         f"split of {result['data']}: every photo's original through common.face_inputs with "
         "each finder, the largest face classified. Accuracy on the photos where both found a "
         "face; McNemar: exact binomial test on the photos only one finder gets right.",
         "",
-        "| source | class | photos | with a face: mtcnn / blazeface | accuracy mtcnn | "
-        "accuracy blazeface | labels agree | mean / max abs prob diff | only mtcnn right / "
-        "only blazeface right | McNemar p |",
+        f"| source | class | photos | with a face: {a} / {b} | accuracy {a} | accuracy {b} | "
+        f"labels agree | mean / max abs prob diff | only {a} right / only {b} right | McNemar p |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for source, r in result["per_source"].items():
         name = f"**{source}**" if source == "all" else source
         lines.append(
-            f"| {name} | {r['label']} | {r['photos']} | {r['with_face_mtcnn']} / "
-            f"{r['with_face_blazeface']} | {r['accuracy_mtcnn']:.3f} | "
-            f"{r['accuracy_blazeface']:.3f} | {r['labels_agree']:.3f} | "
+            f"| {name} | {r['label']} | {r['photos']} | {r[f'with_face_{a}']} / "
+            f"{r[f'with_face_{b}']} | {r[f'accuracy_{a}']:.3f} | "
+            f"{r[f'accuracy_{b}']:.3f} | {r['labels_agree']:.3f} | "
             f"{r['mean_abs_prob_difference']:.3f} / {r['max_abs_prob_difference']:.3f} | "
-            f"{r['only_mtcnn_right']} / {r['only_blazeface_right']} | {r['mcnemar_p']:.3g} |"
+            f"{r[f'only_{a}_right']} / {r[f'only_{b}_right']} | {r['mcnemar_p']:.3g} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -143,7 +146,8 @@ def main(argv=None):
         rows = [r for group in by_source.values() for r in group[: args.per_source]]
     if not rows:
         sys.exit(f"error: no {args.split} rows in {args.data}/manifest.csv")
-    detectors = {f: FaceDetector(finder=f) for f in FINDERS}
+    finders = (REFERENCE, args.finder)
+    detectors = {f: FaceDetector(finder=f) for f in finders}
     size = meta["image_size"]
     with ThreadPoolExecutor(args.workers) as pool:
         inputs = list(
@@ -154,7 +158,7 @@ def main(argv=None):
             )
         )
     probs = {}
-    for f in FINDERS:
+    for f in finders:
         index = [k for k, x in enumerate(inputs) if x[f] is not None]
         p = [None] * len(rows)
         for start in range(0, len(index), 64):
@@ -168,6 +172,7 @@ def main(argv=None):
         "threshold": meta["threshold"],
         "data": args.data,
         "split": args.split,
+        "finder": args.finder,
         "per_source": compare(rows, probs, meta["threshold"]),
     }
     text = markdown(result)

@@ -550,3 +550,29 @@ def test_blazeface_frames_the_face_as_mtcnn_does(blaze, detector):
             ious.append(square_iou(face_square(ours[0]["landmarks"], w, h),
                                    face_square(theirs[0]["landmarks"], w, h)))  # fmt: skip
     assert len(ious) >= 20 and np.median(ious) >= 0.95 and min(ious) >= 0.7, sorted(ious)[:5]
+
+
+def test_auto_finder_is_blazeface_on_a_portrait_and_the_cascade_in_a_scene(blaze, detector):
+    """finder="auto": on a photo with one large face, BlazeFace's faces exactly; on a scene
+    (three example faces at ~1/10 of the photo, which BlazeFace alone cannot see) or a photo
+    with no face, MTCNN's cascade's exactly."""
+    auto = FaceDetector(finder="auto")
+    photos = [np.asarray(Image.open(ROOT / "examples" / name).convert("RGB"))
+              for name in ("fake_stylegan2_1.jpg", "real_lisa_lisa1.jpg", "fake_sd15_0001.jpg")]  # fmt: skip
+    portrait = photos[0]
+    found = auto(portrait)
+    assert len(found) == 1 and found[0]["box"].tolist() == blaze(portrait)[0]["box"].tolist()
+    side = found[0]["box"][2] - found[0]["box"][0]
+    assert side >= common.AUTO_PORTRAIT_SHARE * max(portrait.shape[:2])
+
+    canvas = Image.new("RGB", (1600, 1200), (90, 110, 100))
+    for k, photo in enumerate(photos):
+        small = Image.fromarray(photo)
+        small.thumbnail((260, 260))
+        canvas.paste(small, (60 + 520 * k, 400 + 150 * (k % 2)))
+    scene = np.asarray(canvas)
+    ours, cascade = auto(scene), detector(scene)
+    assert len(cascade) == 3 and len(blaze(scene)) < 3  # BlazeFace alone misses faces here
+    assert [f["box"].tolist() for f in ours] == [f["box"].tolist() for f in cascade]
+    faceless = np.full((300, 300, 3), 128, np.uint8)
+    assert auto(faceless) == detector(faceless) == []

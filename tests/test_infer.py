@@ -363,10 +363,11 @@ def test_metadata_round_trip_is_the_checkpoint_deployment_metadata(models):
 
 def test_blazeface_finder_frames_the_example_photos_like_mtcnn(tmp_path, capsys):
     """--finder blazeface on the shipped example photos: the same faces as MTCNN (box IoU),
-    the finder named in the JSON summary, and a clear error for an unknown finder."""
+    --finder auto each photo's faces from one of the two, the finder named in the JSON
+    summary, and a clear error for an unknown finder."""
     examples, model = ROOT / "examples", ROOT / "models" / "facecheck.onnx"
     rows = {}
-    for finder in ("mtcnn", "blazeface"):
+    for finder in ("mtcnn", "blazeface", "auto"):
         out = tmp_path / f"{finder}.json"
         args = [examples, "--model", model, "--finder", finder, "--csv", tmp_path / "p.csv"]
         rc, _, err = run([*args, "--json", out, "--quiet"], capsys)
@@ -383,6 +384,18 @@ def test_blazeface_finder_frames_the_example_photos_like_mtcnn(tmp_path, capsys)
         assert w * h / (area(ax) + area(bx) - w * h) > 0.8, (a, b)
     # A different finder really ran: its boxes are close to MTCNN's, not the same.
     assert any(a["x0"] != b["x0"] for a, b in zip(rows["mtcnn"], rows["blazeface"]))
+
+    # auto: BlazeFace's faces on a portrait, the cascade's on any other photo, never a mix.
+    def photos(face_rows):
+        by_path = {}
+        for r in face_rows:
+            by_path.setdefault(r["path"], []).append(r)
+        return by_path
+
+    mtcnn, blaze = photos(rows["mtcnn"]), photos(rows["blazeface"])
+    for path, faces in photos(rows["auto"]).items():
+        assert faces in (mtcnn[path], blaze[path]), path
+    assert any(photos(rows["auto"])[p] == blaze[p] != mtcnn[p] for p in blaze)
     with pytest.raises(SystemExit):
         infer.parse_args([str(examples), "--finder", "yunet"])
     assert "invalid choice: 'yunet'" in capsys.readouterr().err
