@@ -7,14 +7,18 @@ is in the photo. Two sources carry labels in their file names (../shared/data/RE
 
 A group is one value of one attribute (race, gender, age band), pooled over the sources that
 label it. The headline is the gap between the best and the worst group in share called real,
-over the groups with at least min_n faces (a handful of faces would make the gap by chance).
-Used by evaluate.py and experiments/lofo.py; numpy only.
+over the groups with at least min_n faces (a handful of faces would make the gap by chance),
+with how sure it is: each group's share with its Wilson 95 % interval, and the gap chance
+alone makes with these groups (a permutation test: max - min over a dozen groups of 20-40
+faces is several points even when no group is treated differently).
+Used by evaluate.py and experiments/lofo.py.
 """
 
 import re
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binomtest
 
 from calibrate import decision
 
@@ -23,6 +27,7 @@ GENDERS = ("male", "female")
 AGE_BANDS = ((0, "0-12"), (13, "13-19"), (20, "20-39"), (40, "40-59"), (60, "60+"))  # from age
 ATTRIBUTES = ("race", "gender", "age")
 MIN_GROUP = 20  # faces a group needs to count towards the gap
+GAP_PERMUTATIONS = 2000  # shuffles for the gap's chance level
 ALL_AGE_FACES_FIRST_MAN = 7381
 
 
@@ -55,30 +60,39 @@ def called_real_by_group(rows, prob, threshold, band=None, min_n=MIN_GROUP):
     labelled = [(i, labels) for i, labels in labelled if labels]
     if not labelled:
         return None
+    labelled_index = np.array([i for i, _ in labelled])
+    faces_real = prob[labelled_index] < threshold
     order = RACES + GENDERS + tuple(name for _, name in AGE_BANDS)
-    groups = []
+    groups, members = [], []  # members: which labelled faces each group holds
     for attribute in ATTRIBUTES:
         values = {labels[attribute] for _, labels in labelled if attribute in labels}
         for value in sorted(values, key=order.index):
             idx = [i for i, labels in labelled if labels.get(attribute) == value]
             p = prob[idx]
             sources = sorted({rows[i]["source"] for i in idx})
+            real = int((p < threshold).sum())
+            interval = binomtest(real, len(idx)).proportion_ci(method="wilson")
             group = {"attribute": attribute, "group": value, "n": len(idx),
                      "sources": {s: sum(rows[i]["source"] == s for i in idx) for s in sources},
-                     "called_real": float((p < threshold).mean())}  # fmt: skip
+                     "called_real": real / len(idx),
+                     "called_real_95": [float(interval.low), float(interval.high)]}  # fmt: skip
             if band is not None:
                 calls = [decision(x, threshold, band) for x in p]
                 group["called_fake_confidently"] = float(np.mean([c == "fake" for c in calls]))
             groups.append(group)
+            members.append(np.isin(labelled_index, idx))
     counted = [g for g in groups if g["n"] >= min_n]
     gap = None
     if len(counted) >= 2:
         best = max(counted, key=lambda g: g["called_real"])
         worst = min(counted, key=lambda g: g["called_real"])
-        gap = {"gap": best["called_real"] - worst["called_real"],
+        measured = best["called_real"] - worst["called_real"]
+        chance = gap_by_chance([m for g, m in zip(groups, members) if g["n"] >= min_n],
+                               faces_real, measured)  # fmt: skip
+        gap = {"gap": measured,
                "best": f"{best['attribute']} {best['group']}", "best_called_real": best["called_real"],
                "worst": f"{worst['attribute']} {worst['group']}",
-               "worst_called_real": worst["called_real"],
+               "worst_called_real": worst["called_real"], "by_chance": chance,
                "over": [f"{g['attribute']} {g['group']}" for g in counted]}  # fmt: skip
     per_attribute = {}
     for attribute in ATTRIBUTES:
@@ -87,3 +101,21 @@ def called_real_by_group(rows, prob, threshold, band=None, min_n=MIN_GROUP):
     return {"n_labelled": len(labelled), "min_n": min_n, "threshold": float(threshold),
             "unsure_band": None if band is None else [float(b) for b in band],
             "groups": groups, "gap": gap, "gap_per_attribute": per_attribute}  # fmt: skip
+
+
+def gap_by_chance(members, called_real, gap, permutations=GAP_PERMUTATIONS, seed=0):
+    """How large a gap chance alone makes with these groups: the labelled faces' outcomes
+    (called real or not) shuffled among them, so no group differs from another, and the gap
+    recomputed each time. Returns the median and the 95th percentile of those gaps and p, the
+    share of shuffles with a gap at least the measured one (a permutation test; it keeps the
+    overlap of the groups: a face is in its race, gender and age group at once).
+    members: groups x faces booleans; called_real: faces booleans. Hand-written: scipy.stats.
+    permutation_test compares samples, not a max - min over groups that share their faces."""
+    rng = np.random.default_rng(seed)
+    members = np.asarray(members, dtype=float)
+    called_real = np.asarray(called_real, dtype=float)
+    shuffled = np.stack([rng.permutation(called_real) for _ in range(permutations)])
+    shares = (shuffled @ members.T) / members.sum(axis=1)
+    gaps = shares.max(axis=1) - shares.min(axis=1)
+    return {"p": float((np.sum(gaps >= gap - 1e-12) + 1) / (permutations + 1)),
+            "median": float(np.median(gaps)), "p95": float(np.percentile(gaps, 95))}  # fmt: skip

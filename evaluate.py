@@ -410,14 +410,19 @@ def plot_demographics(d, path):
     groups = d["groups"]
     fig, ax = _plt().subplots(figsize=(6, 0.4 * len(groups) + 1.4))
     colors = {"race": "tab:purple", "gender": "tab:green", "age": "tab:orange"}
-    ax.barh([f"{g['attribute']} {g['group']} (n={g['n']})" for g in groups],
-            [g["called_real"] for g in groups],
+    shares = np.array([g["called_real"] for g in groups])
+    bounds = np.array([g.get("called_real_95", [s, s]) for g, s in zip(groups, shares)])
+    ax.barh([f"{g['attribute']} {g['group']} (n={g['n']})" for g in groups], shares,
+            xerr=[shares - bounds[:, 0], bounds[:, 1] - shares], ecolor="0.3", capsize=2,
             color=[to_rgba(colors[g["attribute"]], 1.0 if g["n"] >= d["min_n"] else 0.35)
                    for g in groups])  # fmt: skip
     ax.invert_yaxis()
     gap = "n/a" if d["gap"] is None else f"{100 * d['gap']['gap']:.1f} points"
-    ax.set(xlim=(0, 1), xlabel="real faces called real (at the threshold)",
-           title=f"real faces called real per group\ngap {gap} over groups of >= {d['min_n']}")  # fmt: skip
+    gap += f" over groups of >= {d['min_n']}"
+    if d["gap"] and d["gap"].get("by_chance"):
+        gap += f"\n(chance alone, these groups: median {100 * d['gap']['by_chance']['median']:.1f})"
+    ax.set(xlim=(0, 1), xlabel="real faces called real (at the threshold; bars: 95 % interval)",
+           title=f"real faces called real per group\ngap {gap}")  # fmt: skip
     save_figure(fig, path)
 
 
@@ -551,6 +556,11 @@ def fmt(x, digits=4):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def interval(bounds):
+    """' (low-high)' for a 95 % interval, '' where none was measured."""
+    return "" if bounds is None else f" ({bounds[0]:.2f}-{bounds[1]:.2f})"
+
+
 def table(header, rows):
     """A markdown table: readable in a terminal, pastes into the README as is."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -599,22 +609,27 @@ def demographic_headline(d):
         return (f"demographic gap: n/a (fewer than two groups of >= {d['min_n']} labelled real "
                 f"faces; {d['n_labelled']} labelled)")  # fmt: skip
     g = d["gap"]
+    chance = g.get("by_chance")  # absent from reports written before it was measured
+    chance = "" if chance is None else (
+        f"; chance alone, with these groups: median {100 * chance['median']:.1f}, 95th "
+        f"percentile {100 * chance['p95']:.1f} points, p = {chance['p']:.3g}")  # fmt: skip
     return (f"demographic gap {100 * g['gap']:.1f} points in real faces called real: "
             f"{g['best']} {g['best_called_real']:.3f}, {g['worst']} {g['worst_called_real']:.3f} "
-            f"(over {len(g['over'])} groups of >= {d['min_n']} faces; demographics.png)")  # fmt: skip
+            f"(over {len(g['over'])} groups of >= {d['min_n']} faces{chance}; demographics.png)")  # fmt: skip
 
 
 def print_audits(m):
     """Who gets called fake, and whether the score follows the face's size or sharpness."""
     if d := m["demographics"]:
         confident = d["unsure_band"] is not None
-        header = ["attribute", "group", "n", "sources", "called real"]
+        header = ["attribute", "group", "n", "sources", "called real (95 % interval)"]
         header += ["called fake confidently"] if confident else []
         rows = []
         for g in d["groups"]:
             small = "" if g["n"] >= d["min_n"] else " (few)"
             cells = [g["attribute"], g["group"], f"{g['n']}{small}",
-                     ", ".join(f"{k} {v}" for k, v in g["sources"].items()), fmt(g["called_real"], 3)]  # fmt: skip
+                     ", ".join(f"{k} {v}" for k, v in g["sources"].items()),
+                     fmt(g["called_real"], 3) + interval(g.get("called_real_95"))]  # fmt: skip
             rows.append(cells + ([fmt(g["called_fake_confidently"], 3)] if confident else []))
         print(f"\nreal faces called real per group ({d['n_labelled']} labelled real faces; "
               f"groups of < {d['min_n']} faces are marked (few) and left out of the gap)\n")  # fmt: skip

@@ -194,6 +194,25 @@ def test_called_real_by_group_on_hand_made_rows():
     assert small["gap"]["worst"] in {"race Asian", "age 60+"} and small["gap"]["gap"] == 1.0
     assert "called_fake_confidently" not in small["groups"][0]
     assert demographics.called_real_by_group(rows[-2:], prob[-2:], 0.5) is None
+    # How sure: White 15 of 20 called real has the Wilson interval 0.531-0.888; the gap of
+    # 0.5 (age 0-12: 10 of 20) is far beyond what shuffling the outcomes makes.
+    assert got["race", "White"]["called_real_95"] == pytest.approx([0.5313, 0.8881], abs=1e-4)
+    chance = d["gap"]["by_chance"]
+    assert chance["p"] < 0.01 and chance["median"] < chance["p95"] < 0.5
+
+
+def test_the_gap_by_chance_matches_a_gap_that_is_only_noise():
+    """Every group called real at the same rate, by chance a gap of several points: the
+    permutation test must not call it a difference, and a real 30-point penalty must be."""
+    rng = np.random.default_rng(1)
+    rows = [{"source": "utkface", "label": "real", "original": f"{20 + k % 40}_{k % 2}_{k % 5}_x.jpg"}
+            for k in range(400)]  # fmt: skip
+    fair = rng.random(400)
+    d = demographics.called_real_by_group(rows, fair, 0.8)
+    assert d["gap"]["gap"] > 0.05 and d["gap"]["by_chance"]["p"] > 0.05
+    unfair = fair + np.array([0.3 if k % 5 == 2 else 0.0 for k in range(400)])  # Asian faces
+    d = demographics.called_real_by_group(rows, unfair, 0.8)
+    assert d["gap"]["worst"] == "race Asian" and d["gap"]["by_chance"]["p"] < 0.01
 
 
 def test_sharpness_is_the_variance_of_the_laplacian():
