@@ -489,8 +489,8 @@ FINDERS = ("mtcnn", "blazeface", "auto")
 # (short range, the photo letterboxed by its long side) misses faces under about 1/6 of that
 # side; MTCNN looks down to FACE_MIN_SHARE of the short side. Its pyramid is wasted on a
 # portrait and needed in a group photo or a scene. The price: beside a face this large, a second
-# face under ~1/6 of the long side goes unseen. On bench/pipeline.py's 400 shared photos, 5 %
-# get the cascade; in bench/detector.py's several-face scenes, all (results/detector-auto.md).
+# face under ~1/6 of the long side goes unseen. bench/pipeline.py counts the photos that get the
+# cascade (results/pipeline.md); bench/detector.py compares the faces (results/detector-auto.md).
 AUTO_PORTRAIT_SHARE = 1 / 3
 
 
@@ -539,6 +539,7 @@ class FaceDetector:
             self.anchors = blazeface_anchors(self.blazeface_size, strides, per_layer)
         self.finder, self.min_score, self.max_side = finder, min_score, max_side
         self.min_face, self.min_face_share = min_face, min_face_share
+        self.cascaded = 0  # photos finder "auto" sent through MTCNN's cascade (for bench/)
 
     def __call__(self, rgb):
         return self.batch(rgb[None])[0]
@@ -562,6 +563,7 @@ class FaceDetector:
             side = lambda f: max(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1])  # noqa: E731
             scenes = [k for k, faces in enumerate(found)
                       if len(faces) != 1 or side(faces[0]) < AUTO_PORTRAIT_SHARE * max(h, w)]  # fmt: skip
+            self.cascaded += len(scenes)
             if scenes:
                 cascade = self._faces(self.detect(images[scenes]), len(scenes), scale, w, h)
                 for k, faces in zip(scenes, cascade):

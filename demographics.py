@@ -9,8 +9,8 @@ A group is one value of one attribute (race, gender, age band), pooled over the 
 label it. The headline is the gap between the best and the worst group in share called real,
 over the groups with at least min_n faces (a handful of faces would make the gap by chance),
 with how sure it is: each group's share with its Wilson 95 % interval, and the gap chance
-alone makes with these groups (a permutation test: max - min over a dozen groups of 20-40
-faces is several points even when no group is treated differently).
+alone makes with these groups and sources (a permutation test: max - min over a dozen groups of a few
+dozen faces is several points even when no group is treated differently).
 Used by evaluate.py and experiments/lofo.py.
 """
 
@@ -88,7 +88,7 @@ def called_real_by_group(rows, prob, threshold, band=None, min_n=MIN_GROUP):
         worst = min(counted, key=lambda g: g["called_real"])
         measured = best["called_real"] - worst["called_real"]
         chance = gap_by_chance([m for g, m in zip(groups, members) if g["n"] >= min_n],
-                               faces_real, measured)  # fmt: skip
+                               faces_real, measured, [rows[i]["source"] for i in labelled_index])  # fmt: skip
         gap = {"gap": measured,
                "best": f"{best['attribute']} {best['group']}", "best_called_real": best["called_real"],
                "worst": f"{worst['attribute']} {worst['group']}",
@@ -103,18 +103,25 @@ def called_real_by_group(rows, prob, threshold, band=None, min_n=MIN_GROUP):
             "groups": groups, "gap": gap, "gap_per_attribute": per_attribute}  # fmt: skip
 
 
-def gap_by_chance(members, called_real, gap, permutations=GAP_PERMUTATIONS, seed=0):
+def gap_by_chance(members, called_real, gap, sources, permutations=GAP_PERMUTATIONS, seed=0):
     """How large a gap chance alone makes with these groups: the labelled faces' outcomes
-    (called real or not) shuffled among them, so no group differs from another, and the gap
-    recomputed each time. Returns the median and the 95th percentile of those gaps and p, the
-    share of shuffles with a gap at least the measured one (a permutation test; it keeps the
-    overlap of the groups: a face is in its race, gender and age group at once).
-    members: groups x faces booleans; called_real: faces booleans. Hand-written: scipy.stats.
-    permutation_test compares samples, not a max - min over groups that share their faces."""
+    (called real or not) shuffled among the faces of the same source, so no group differs from
+    another within a source, and the gap recomputed each time. Returns the median and the 95th
+    percentile of those gaps and p, the share of shuffles with a gap at least the measured one
+    (a permutation test). It keeps the groups' overlap (a face is in its race, gender and age
+    group at once) and their mix of sources (race comes from UTKFace alone; age 60+ is mostly
+    All-Age-Faces, age 0-12 mostly UTKFace): a difference between sources is not read as one
+    between groups. members: groups x faces booleans; called_real: faces booleans; sources:
+    each face's source. Hand-written: scipy.stats.permutation_test compares samples, not a
+    max - min over groups that share their faces."""
     rng = np.random.default_rng(seed)
     members = np.asarray(members, dtype=float)
     called_real = np.asarray(called_real, dtype=float)
-    shuffled = np.stack([rng.permutation(called_real) for _ in range(permutations)])
+    sources = np.asarray(sources)
+    shuffled = np.empty((permutations, len(called_real)))
+    for source in np.unique(sources):
+        idx = np.flatnonzero(sources == source)
+        shuffled[:, idx] = rng.permuted(np.tile(called_real[idx], (permutations, 1)), axis=1)
     shares = (shuffled @ members.T) / members.sum(axis=1)
     gaps = shares.max(axis=1) - shares.min(axis=1)
     return {"p": float((np.sum(gaps >= gap - 1e-12) + 1) / (permutations + 1)),

@@ -25,7 +25,7 @@ verdict at the top of --md. Detectors:
   onnx         common.FaceDetector() as prepare_data.py and infer.py run it (default settings)
   blaze        common.FaceDetector(finder="blazeface"): BlazeFace short range (128 px), O-net
   blaze-full   the same with BlazeFace full range (192 px)
-  auto         common.FaceDetector(finder="auto"): blaze, and onnx on photos without a large face
+  auto         common.FaceDetector(finder="auto"): blaze on one-face portraits, onnx on the rest
 --threads sets both torch's and ONNX Runtime's threads (default 1: the numbers then say what
 one core does, and hold up when other work shares the machine).
 """

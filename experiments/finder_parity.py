@@ -25,11 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import binomtest
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from compare import mcnemar_exact  # noqa: E402
 
 from backends import load_model  # noqa: E402
 from common import (  # noqa: E402
@@ -100,9 +101,7 @@ def compare(rows, probs, threshold):
             "max_abs_prob_difference": float(diff.max()),
             f"only_{a}_right": only_a,
             f"only_{b}_right": only_b,
-            "mcnemar_p": float(binomtest(only_a, only_a + only_b).pvalue)
-            if only_a + only_b
-            else 1.0,
+            "mcnemar_p": mcnemar_exact(only_a, only_b),
         }
     return table
 

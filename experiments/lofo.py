@@ -86,6 +86,20 @@ def parse_args(argv=None):
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train.py flags")
     args = p.parse_args(argv)
     args.train_args = [a for a in args.train_args if a != "--"]
+    # lofo.py sets these itself (and checks epochs, patience and attention): after --, train.py
+    # would take the last of two and the run would not be what the results say.
+    own = (
+        "--data",
+        "--out",
+        "--resume",
+        "--epochs",
+        "--patience",
+        "--attention",
+        "--attention-stage",
+    )
+    clash = [a for a in args.train_args if a.split("=")[0] in own]
+    if clash:
+        p.error(f"{clash[0].split('=')[0]} after --: give it to lofo.py itself, before --")
     return args
 
 
@@ -93,10 +107,11 @@ def wanted_recipe(args):
     """How every run must have been trained: as asked (with the flags after --), and otherwise
     with today's default recipe (the defaults move when a better recipe is found, and an older
     run must not slip in)."""
-    defaults = vars(train_defaults(args.train_args))
+    defaults, plain = vars(train_defaults(args.train_args)), vars(train_defaults([]))
     keys = ("degrade_p", "jpeg_p", "min_crop", "rescale_p", "width", "loss")
     keys += ("native_p", "no_highpass", "rotate", "colour", "mask_p", "residual_blocks")
     wanted = {k: defaults[k] for k in keys}
+    wanted |= {k: v for k, v in defaults.items() if v != plain[k]}  # every flag after --
     patience = defaults["patience"] if args.patience is None else args.patience
     wanted |= {"epochs": args.epochs, "attention": args.attention, "patience": patience}
     if args.attention == "on":  # off runs carry no placement to check

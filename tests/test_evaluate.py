@@ -442,3 +442,18 @@ def test_empty_split(tiny_runs, prepared, tmp_path):
     (data / "manifest.csv").write_text("".join(x for x in lines if ",test," not in x))
     msg = one_line_error(["--checkpoint", str(tiny_runs["off"]), "--data", str(data)])
     assert "no images" in msg
+
+
+def test_a_gap_between_sources_is_not_read_as_one_between_groups():
+    """Age 20-39 only from UTKFace (all called real), 60+ only from All-Age-Faces (half called
+    real), gender mixed within each source and treated alike: the 50-point age gap is a
+    difference between sources, and the shuffle within each source must not flag it (a
+    shuffle over all faces would: p < 0.001)."""
+    rows = [{"source": "utkface", "label": "real", "original": f"30_{k % 2}_0_x.jpg"}
+            for k in range(100)]  # fmt: skip
+    rows += [{"source": "allagefaces", "label": "real", "original": f"{k % 2 * 8000:05d}A65.jpg"}
+             for k in range(100)]  # fmt: skip
+    prob = np.r_[np.full(100, 0.1), np.tile([0.1, 0.1, 0.9, 0.9], 25)]
+    d = demographics.called_real_by_group(rows, prob, 0.5)
+    assert d["gap"]["gap"] == pytest.approx(0.5) and d["gap"]["worst"] == "age 60+"
+    assert d["gap"]["by_chance"]["p"] > 0.2

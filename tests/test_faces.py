@@ -552,18 +552,22 @@ def test_blazeface_frames_the_face_as_mtcnn_does(blaze, detector):
     assert len(ious) >= 20 and np.median(ious) >= 0.95 and min(ious) >= 0.7, sorted(ious)[:5]
 
 
-def test_auto_finder_is_blazeface_on_a_portrait_and_the_cascade_in_a_scene(blaze, detector):
-    """finder="auto": on a photo with one large face, BlazeFace's faces exactly; on a scene
-    (three example faces at ~1/10 of the photo, which BlazeFace alone cannot see) or a photo
-    with no face, MTCNN's cascade's exactly."""
+def test_auto_finder_is_blazeface_on_a_portrait_and_the_cascade_elsewhere(blaze, detector):
+    """finder="auto": on a photo with one large face, BlazeFace's faces and no cascade; on a
+    scene (three example faces at ~1/10 of the photo, which BlazeFace alone cannot see) or a
+    photo with no face, MTCNN's cascade and its faces exactly. And its known miss: beside a
+    face of a third of the photo's long side, a small second face goes unseen."""
     auto = FaceDetector(finder="auto")
+    cascades = []
+    cascade = auto.detect
+    auto.detect = lambda images: cascades.append(len(images)) or cascade(images)
     photos = [np.asarray(Image.open(ROOT / "examples" / name).convert("RGB"))
               for name in ("fake_stylegan2_1.jpg", "real_lisa_lisa1.jpg", "fake_sd15_0001.jpg")]  # fmt: skip
     portrait = photos[0]
     found = auto(portrait)
     assert len(found) == 1 and found[0]["box"].tolist() == blaze(portrait)[0]["box"].tolist()
     side = found[0]["box"][2] - found[0]["box"][0]
-    assert side >= common.AUTO_PORTRAIT_SHARE * max(portrait.shape[:2])
+    assert side >= common.AUTO_PORTRAIT_SHARE * max(portrait.shape[:2]) and cascades == []
 
     canvas = Image.new("RGB", (1600, 1200), (90, 110, 100))
     for k, photo in enumerate(photos):
@@ -571,8 +575,15 @@ def test_auto_finder_is_blazeface_on_a_portrait_and_the_cascade_in_a_scene(blaze
         small.thumbnail((260, 260))
         canvas.paste(small, (60 + 520 * k, 400 + 150 * (k % 2)))
     scene = np.asarray(canvas)
-    ours, cascade = auto(scene), detector(scene)
-    assert len(cascade) == 3 and len(blaze(scene)) < 3  # BlazeFace alone misses faces here
-    assert [f["box"].tolist() for f in ours] == [f["box"].tolist() for f in cascade]
+    ours, theirs = auto(scene), detector(scene)
+    assert len(theirs) == 3 and len(blaze(scene)) < 3  # BlazeFace alone misses faces here
+    assert [f["box"].tolist() for f in ours] == [f["box"].tolist() for f in theirs]
+    assert cascades == [1]
     faceless = np.full((300, 300, 3), 128, np.uint8)
-    assert auto(faceless) == detector(faceless) == []
+    assert auto(faceless) == detector(faceless) == [] and cascades == [1, 1]
+
+    pair = Image.new("RGB", (720, 440), (90, 90, 90))
+    pair.paste(Image.fromarray(photos[0]).resize((440, 440)), (0, 0))
+    pair.paste(Image.fromarray(photos[2]).resize((110, 110)), (560, 150))
+    pair = np.asarray(pair)
+    assert len(detector(pair)) == 2 and len(auto(pair)) == 1 and cascades == [1, 1]

@@ -396,6 +396,7 @@ def test_blazeface_finder_frames_the_example_photos_like_mtcnn(tmp_path, capsys)
     for path, faces in photos(rows["auto"]).items():
         assert faces in (mtcnn[path], blaze[path]), path
     assert any(photos(rows["auto"])[p] == blaze[p] != mtcnn[p] for p in blaze)
+    assert any(photos(rows["auto"])[p] == mtcnn[p] != blaze[p] for p in mtcnn)  # not a portrait
     with pytest.raises(SystemExit):
         infer.parse_args([str(examples), "--finder", "yunet"])
     assert "invalid choice: 'yunet'" in capsys.readouterr().err

@@ -132,3 +132,22 @@ def test_held_out_labelled_source_gets_who_is_called_fake(monkeypatch, capsys):
     # A source without labels (here a fake one): no audit, a dash in the table.
     fake = lofo.score_held_out(None, ckpt, rows, "gan", is_fake=True)
     assert fake["demographics"] is None and lofo.demographic_gap(fake) == "-"
+
+
+def test_flags_after_the_double_dash_are_the_recipe(capsys):
+    """train.py flags after -- go into the recipe every run is checked against (the data-v3
+    options and any other flag given, such as --lr); the flags lofo.py sets itself are refused
+    there, where train.py would take the last of two and the results would misreport the run."""
+    import lofo
+
+    args = lofo.parse_args(
+        ["--epochs", "6", "--", "--native-p", "0.9", "--no-highpass", "--lr", "3e-4"]
+    )
+    recipe = lofo.wanted_recipe(args)
+    assert recipe["epochs"] == 6 and recipe["native_p"] == 0.9 and recipe["no_highpass"] is True
+    assert recipe["lr"] == pytest.approx(3e-4) and recipe["rotate"] == 0.0
+    assert "lr" not in lofo.wanted_recipe(lofo.parse_args(["--epochs", "6"]))
+    for flag in (["--epochs", "16"], ["--patience=3"], ["--data", "x"]):
+        with pytest.raises(SystemExit):
+            lofo.parse_args(["--", *flag])
+        assert "give it to lofo.py itself" in capsys.readouterr().err
