@@ -70,7 +70,8 @@ def called_real_by_group(rows, prob, threshold, band=None, min_n=MIN_GROUP):
             idx = [i for i, labels in labelled if labels.get(attribute) == value]
             p = prob[idx]
             sources = sorted({rows[i]["source"] for i in idx})
-            real = int((p < threshold).sum())
+            members.append(np.isin(labelled_index, idx))
+            real = int(faces_real[members[-1]].sum())
             interval = binomtest(real, len(idx)).proportion_ci(method="wilson")
             group = {"attribute": attribute, "group": value, "n": len(idx),
                      "sources": {s: sum(rows[i]["source"] == s for i in idx) for s in sources},
@@ -80,7 +81,6 @@ def called_real_by_group(rows, prob, threshold, band=None, min_n=MIN_GROUP):
                 calls = [decision(x, threshold, band) for x in p]
                 group["called_fake_confidently"] = float(np.mean([c == "fake" for c in calls]))
             groups.append(group)
-            members.append(np.isin(labelled_index, idx))
     counted = [g for g in groups if g["n"] >= min_n]
     gap = None
     if len(counted) >= 2:

@@ -19,8 +19,8 @@ the faces in one pass and runs the cascade only on photos that are not a one-fac
 group, a scene, no face found): about 4x faster on portraits, the same faces in scenes, but
 beside a face of a third of the photo or more, a second face under about a sixth of it goes
 unseen (results/detector-auto.md); blazeface never runs the cascade and misses faces under
-about a sixth of the photo wherever they are (results/detector-blazeface.md). A model trained on already-cropped faces (metadata
-faces=whole) takes the centred square of each image instead.
+about a sixth of the photo wherever they are (results/detector-blazeface.md). A model trained
+on already-cropped faces (metadata faces=whole) takes the centred square of each image instead.
 
 Folders are searched recursively for .jpg .jpeg .png .webp .bmp .gif; files named on the
 command line are tried whatever their extension. Decoding, face finding and framing run in a
