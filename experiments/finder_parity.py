@@ -1,9 +1,12 @@
-"""Does the classifier give the same verdicts when BlazeFace, not MTCNN, finds the faces?
+"""Does the classifier give the same verdicts when BlazeFace, not MTCNN, finds the faces (or
+another copy of the model, e.g. the INT8 one, scores them)?
 
     python experiments/finder_parity.py --model models/facecheck.onnx --split test \\
         --finder blazeface --json results/finder-parity.json --md results/finder-parity.md
     python experiments/finder_parity.py --finder auto --json results/finder-parity-auto.json \\
         --md results/finder-parity-auto.md
+    python experiments/finder_parity.py --finder auto --candidate-model models/facecheck.int8.onnx \\
+        --json results/finder-parity-auto-int8.json --md results/finder-parity-auto-int8.md
 
 The model was trained on crops framed from MTCNN's landmarks. infer.py --finder blazeface lets
 BlazeFace propose the faces and MTCNN's last stage (the O-net) give the landmarks, so the
@@ -11,7 +14,8 @@ framing should barely move (results/detector-blazeface.md: median framing IoU 0.
 measures what that costs the verdicts: every photo of a split of the prepared dataset (its
 original under data/raw, as the manifest names it) goes through the product path twice,
 common.face_inputs with FaceDetector(finder="mtcnn") and with --finder's, and the
-largest face of each through the model (backends.load_model: .onnx, .pt). Reported per source
+largest face of each through the model (backends.load_model: .onnx, .pt), the candidate's
+through --candidate-model where given (--finder mtcnn then compares the models alone). Reported per source
 and overall: photos with a face, accuracy at the model's threshold for each finder, labels that
 agree, the mean and the largest |prob_fake difference|, and McNemar's exact test on the photos
 that one finder gets right and the other wrong (scipy.stats.binomtest on the discordant pairs).
@@ -56,12 +60,16 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/faces", help="prepared dataset whose manifest names the photos (default %(default)s)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split's photos (default test)")
     p.add_argument("--per-source", type=int, default=0, help="at most this many photos a source, 0 = all (default 0)")
-    p.add_argument("--finder", default="blazeface", choices=[f for f in FINDERS if f != REFERENCE], help="the finder compared with mtcnn (default %(default)s)")
+    p.add_argument("--finder", default="blazeface", choices=FINDERS, help="the candidate's finder, compared with mtcnn (default %(default)s)")
+    p.add_argument("--candidate-model", help="the candidate's model (default: --model)")
     p.add_argument("--workers", type=int, default=2, help="threads that decode and find faces (default 2)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--md", help="write the table here")
     # fmt: on
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.finder == REFERENCE and args.candidate_model in (None, args.model):
+        p.error("--finder mtcnn compares the same pipeline with itself: give --candidate-model")
+    return args
 
 
 def largest_face_input(path, size, detectors):
@@ -71,9 +79,9 @@ def largest_face_input(path, size, detectors):
     return {name: (found[0][1] if found else None) for name, found in faces.items()}
 
 
-def compare(rows, probs, threshold):
-    """Per source and overall: the counts and accuracies of the two finders (probs' keys, the
-    reference first) on rows."""
+def compare(rows, probs, thresholds):
+    """Per source and overall: the counts and accuracies of the two pipelines (probs' keys, the
+    reference first; each scored at its own model's threshold) on rows."""
     a, b = probs
     groups = defaultdict(list)
     for k, row in enumerate(rows):
@@ -84,7 +92,7 @@ def compare(rows, probs, threshold):
         both = [k for k in index if all(probs[f][k] is not None for f in probs)]
         truth = np.array([rows[k]["label"] == "fake" for k in both])
         p = {f: np.array([probs[f][k] for k in both]) for f in probs}
-        right = {f: (p[f] >= threshold) == truth for f in probs}
+        right = {f: (p[f] >= thresholds[f]) == truth for f in probs}
         only_a = int((right[a] & ~right[b]).sum())
         only_b = int((right[b] & ~right[a]).sum())
         diff = np.abs(p[a] - p[b]) if both else np.zeros(1)
@@ -94,7 +102,7 @@ def compare(rows, probs, threshold):
             **{f"with_face_{f}": sum(probs[f][k] is not None for k in index) for f in probs},
             "both": len(both),
             **{f"accuracy_{f}": float(right[f].mean()) if both else None for f in probs},
-            "labels_agree": float(((p[a] >= threshold) == (p[b] >= threshold)).mean())
+            "labels_agree": float(((p[a] >= thresholds[a]) == (p[b] >= thresholds[b])).mean())
             if both
             else None,
             "mean_abs_prob_difference": float(diff.mean()),
@@ -106,15 +114,26 @@ def compare(rows, probs, threshold):
     return table
 
 
+def pipeline_names(finder, model, candidate_model):
+    """The two pipelines' names: the finders, with the model files' names when those differ."""
+    if candidate_model in (None, model):
+        return REFERENCE, finder
+    return f"{REFERENCE}+{Path(model).name}", f"{finder}+{Path(candidate_model).name}"
+
+
 def markdown(result):
-    a, b = REFERENCE, result.get("finder", "blazeface")
+    a, b = result["pipelines"]
+    models = result["model"] + (
+        f" (candidate {result['candidate_model']})" if result["candidate_model"] else ""
+    )
     lines = [
-        f"# The classifier with faces found by {b} instead of {a} (experiments/finder_parity.py)",
+        f"# The classifier's verdicts: {b} against {a} (experiments/finder_parity.py)",
         "",
-        f"Model {result['model']} (threshold {result['threshold']:.4f}), the {result['split']} "
+        f"Model {models} (threshold {result['threshold']:.4f}), the {result['split']} "
         f"split of {result['data']}: every photo's original through common.face_inputs with "
-        "each finder, the largest face classified. Accuracy on the photos where both found a "
-        "face; McNemar: exact binomial test on the photos only one finder gets right.",
+        "each pipeline's finder, the largest face classified by its model. Accuracy on the "
+        "photos where both found a face; McNemar: exact binomial test on the photos only one "
+        "pipeline gets right.",
         "",
         f"| source | class | photos | with a face: {a} / {b} | accuracy {a} | accuracy {b} | "
         f"labels agree | mean / max abs prob diff | only {a} right / only {b} right | McNemar p |",
@@ -134,9 +153,19 @@ def markdown(result):
 
 def main(argv=None):
     args = parse_args(argv)
-    run, meta = load_model(args.model)
-    if meta.get("faces") != "mtcnn":
-        sys.exit(f"error: {args.model} was trained on whole images (faces={meta.get('faces')})")
+    a, b = pipeline_names(args.finder, args.model, args.candidate_model)
+    finder = {a: REFERENCE, b: args.finder}
+    models = {a: load_model(args.model), b: load_model(args.candidate_model or args.model)}
+    for name, (_, meta) in models.items():
+        if meta.get("faces") != "mtcnn":
+            sys.exit(
+                f"error: {name}'s model was trained on whole images (faces={meta.get('faces')})"
+            )
+    size = models[a][1]["image_size"]
+    if models[b][1]["image_size"] != size:
+        sys.exit(
+            f"error: the models take different sizes ({size}, {models[b][1]['image_size']} px)"
+        )
     rows = read_manifest(args.data, args.split)
     if args.per_source:
         by_source = defaultdict(list)
@@ -145,9 +174,7 @@ def main(argv=None):
         rows = [r for group in by_source.values() for r in group[: args.per_source]]
     if not rows:
         sys.exit(f"error: no {args.split} rows in {args.data}/manifest.csv")
-    finders = (REFERENCE, args.finder)
-    detectors = {f: FaceDetector(finder=f) for f in finders}
-    size = meta["image_size"]
+    detectors = {f: FaceDetector(finder=f) for f in dict.fromkeys(finder.values())}
     with ThreadPoolExecutor(args.workers) as pool:
         inputs = list(
             tqdm(
@@ -157,7 +184,8 @@ def main(argv=None):
             )
         )
     probs = {}
-    for f in finders:
+    for name, (run, _) in models.items():
+        f = finder[name]
         index = [k for k, x in enumerate(inputs) if x[f] is not None]
         p = [None] * len(rows)
         for start in range(0, len(index), 64):
@@ -165,14 +193,17 @@ def main(argv=None):
             logits = run(to_model_array(np.stack([inputs[k][f] for k in chunk])))
             for k, prob in zip(chunk, fake_probability(logits)):  # infer.py's own softmax
                 p[k] = float(prob)
-        probs[f] = p
+        probs[name] = p
+    thresholds = {name: meta["threshold"] for name, (_, meta) in models.items()}
     result = {
         "model": args.model,
-        "threshold": meta["threshold"],
+        "candidate_model": args.candidate_model,
+        "threshold": thresholds[a],
         "data": args.data,
         "split": args.split,
         "finder": args.finder,
-        "per_source": compare(rows, probs, meta["threshold"]),
+        "pipelines": [a, b],
+        "per_source": compare(rows, probs, thresholds),
     }
     text = markdown(result)
     print(text)

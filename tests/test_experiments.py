@@ -347,3 +347,32 @@ def test_run_record_takes_a_dataset_prepared_again_but_not_another_split(
     assert len(compare.compare_runs([out])["mcnemar"]["val"]["pairs"]) == 1
     with pytest.raises(SystemExit, match="not the dataset it was trained on"):
         run_record.main([str(tiny_runs["off"]), "--out", str(out), "--data", str(copy_with(moved))])
+
+
+# ---------------------------------------------------------------- experiments/finder_parity.py
+def test_parity_scores_each_pipeline_at_its_own_models_threshold():
+    import finder_parity
+
+    assert finder_parity.pipeline_names("auto", "m.onnx", None) == ("mtcnn", "auto")
+    a, b = finder_parity.pipeline_names("mtcnn", "m.onnx", "m.int8.onnx")
+    assert (a, b) == ("mtcnn+m.onnx", "mtcnn+m.int8.onnx")
+    rows = [{"source": "s", "label": "fake"}, {"source": "s", "label": "real"},
+            {"source": "t", "label": "fake"}]  # fmt: skip
+    # prob 0.6 on a fake: right at threshold 0.5 (a), wrong at 0.7 (b); the real at 0.2 is right
+    # for both; the third photo has no face for b, so it is left out of the comparison.
+    probs = {a: [0.6, 0.2, 0.9], b: [0.6, 0.2, None]}
+    table = finder_parity.compare(rows, probs, {a: 0.5, b: 0.7})
+    assert table["s"][f"accuracy_{a}"] == 1.0 and table["s"][f"accuracy_{b}"] == 0.5
+    assert table["s"][f"only_{a}_right"] == 1 and table["s"][f"only_{b}_right"] == 0
+    assert table["s"]["labels_agree"] == 0.5
+    assert table["all"]["both"] == 2 and table["all"][f"with_face_{b}"] == 2
+    assert list(table) == ["s", "t", "all"]
+
+
+def test_parity_refuses_to_compare_a_pipeline_with_itself(capsys):
+    import finder_parity
+
+    with pytest.raises(SystemExit):
+        finder_parity.parse_args(["--finder", "mtcnn"])
+    assert "give --candidate-model" in capsys.readouterr().err
+    assert finder_parity.parse_args(["--finder", "mtcnn", "--candidate-model", "x.onnx"])

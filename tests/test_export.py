@@ -197,7 +197,11 @@ def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs, prepared):
     gap = np.abs(prob - expected.numpy())
     print(f"int8 vs fp32 on val: mean |gap| {gap.mean():.4f}, max {gap.max():.4f}")
     assert gap.mean() < 0.02
-    assert np.mean((prob >= 0.5) == (expected.numpy() >= 0.5)) >= 0.9
+    # The tiny model's probabilities crowd 0.5, so labels are compared where FP32 is not within
+    # a quantisation step's reach of it.
+    clear = np.abs(expected.numpy() - 0.5) > 0.02
+    assert clear.sum() >= len(images) // 2
+    assert ((prob >= 0.5) == (expected.numpy() >= 0.5))[clear].all()
     # The accuracies export.py printed are kept beside the models, and are these models'.
     report = json.loads(out.with_suffix(".int8.json").read_text())
     assert report["val_images"] == len(images) and report["calibration_images"] == 64
@@ -210,6 +214,21 @@ def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs, prepared):
         acc, _ = export.accuracy(ort(out.parent / name), images, labels.numpy(), threshold)
         assert report[name]["val_accuracy"] == acc
     assert props(out.with_suffix(".fp16.onnx"))["precision"] == "fp16"
+    # Activations: UINT8 with a zero point in the CPU model (U8S8, the format ONNX Runtime runs
+    # fast on x86: its S8S8 model was slower than FP32 there), INT8 with zero point 0 in the
+    # TensorRT one (TensorRT takes no other).
+    points, types = activation_quantisation(int8)
+    assert points - {0} and types == {np.uint8}
+    assert activation_quantisation(out.with_suffix(".int8-trt.onnx")) == ({0}, {np.int8})
+
+
+def activation_quantisation(path):
+    """The zero points and integer types of a Q/DQ model's QuantizeLinear nodes (activations)."""
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    points = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert points, f"{path} has no QuantizeLinear"
+    return {int(v) for p in points for v in p.ravel()}, {p.dtype.type for p in points}
 
 
 def test_cli_attention_off_checkpoint(tiny_runs, tmp_path, capsys):
