@@ -735,6 +735,26 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def cpu_description():
+    """The CPU's model name and the vector extensions that decide ONNX Runtime's speed (INT8
+    above all: VNNI or not), for benchmark records; machines lent for a session differ."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:  # not Linux: the name alone
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+    return f"{name} ({os.cpu_count()} CPUs; {', '.join(f for f in wanted if f in flags) or 'flags unknown'})"
+
+
 def amp_dtype(device, precision="auto"):
     """The autocast dtype for mixed precision: on CUDA bf16 where the GPU has it (Ampere and
     later; no loss scaling needed), else fp16; None (plain fp32) on CPU or when asked."""

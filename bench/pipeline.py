@@ -43,6 +43,7 @@ from common import (  # noqa: E402
     FINDERS,
     FaceDetector,
     atomic_write,
+    cpu_description,
     decode_image,
     find_images,
     model_view,
@@ -171,7 +172,7 @@ def markdown(payload):
               "photos/s of a perfectly overlapped run on an otherwise idle machine. infer.py: "
               "the photos/s it reports itself (decoding, finding and framing in its worker "
               "threads, the model on batches, overlapped), and its wall time with start-up and "
-              f"model loading. Model {payload['model']}, {payload['cpus']} CPUs, load average "
+              f"model loading. Model {payload['model']}, {payload['cpu']}, load average "
               f"before / after {payload['load_average_before']} / {payload['load_average_after']}."]  # fmt: skip
     cascaded = [f"{r['cascaded']} of {r['photos']} {r['set']}" for r in payload["sets"]
                 if r.get("cascaded") is not None]  # fmt: skip
@@ -215,6 +216,7 @@ def main(argv=None):
                 print(json.dumps(sets[-1]), flush=True)
     payload = {
         "sets": sets, "model": args.model, "seed": args.seed, "cpus": os.cpu_count(),
+        "cpu": cpu_description(),
         "load_average_before": load_before,
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
     }  # fmt: skip

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import backends  # noqa: E402
 import export  # noqa: E402
-from common import atomic_write  # noqa: E402
+from common import atomic_write, cpu_description  # noqa: E402
 from model import (  # noqa: E402
     CheckpointError,
     FaceCheckNet,
@@ -186,6 +186,7 @@ def main(argv=None):
     if "onnxruntime_int8" in results:
         results["onnxruntime_int8"]["calibration"] = calibration
     results["load_average"] = os.getloadavg()[0]
+    results["cpu"] = cpu_description()
     report(results, args.batch)
     if args.json:
         text = json.dumps(results, indent=2) + "\n"
@@ -198,7 +199,7 @@ def report(results, batch):
     key = f"batch{batch}_img_s"
     print(f"\nmodel: {results['model']}, {results['params']:,} parameters, "
           f"{results['flops_per_image'] / 1e6:.1f} MFLOPs/image at {results['image_size']} px; "
-          f"matmul {results['matmul_gflops']:.1f} GFLOP/s; {results['threads']} threads; "
+          f"{results['cpu']}, matmul {results['matmul_gflops']:.1f} GFLOP/s; {results['threads']} threads; "
           f"load average {results['load_average']:.1f}\n")  # fmt: skip
     print(
         f"| backend | batch-1 latency (ms) | batch-{batch} (img/s) | GFLOP/s at batch {batch} | of matmul |"
