@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,9 +152,18 @@ def parse_args(argv=None):
         default=["mtcnn"],
         help="face finders to time, each on both sets (default mtcnn)",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="then run infer.py N more times a finder on the photos as they are, finders interleaved (default 0)",
+    )
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--md", default=None, help="write the table as Markdown here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < 0:
+        p.error("--repeats must be >= 0")
+    return args
 
 
 def markdown(payload):
@@ -174,6 +184,13 @@ def markdown(payload):
               "threads, the model on batches, overlapped), and its wall time with start-up and "
               f"model loading. Model {payload['model']}, {payload['cpu']}, load average "
               f"before / after {payload['load_average_before']} / {payload['load_average_after']}."]  # fmt: skip
+    if payload.get("repeats"):
+        repeats = payload["repeats"]
+        runs = [f"{finder} {', '.join(map(str, v))} (median {statistics.median(v)})"
+                for finder, v in repeats.items()]  # fmt: skip
+        count = len(next(iter(repeats.values())))
+        lines += ["", f"infer.py again on the photos as they are, {count} runs a finder, the "
+                  f"finders interleaved: photos/s {'; '.join(runs)}."]  # fmt: skip
     cascaded = [f"{r['cascaded']} of {r['photos']} {r['set']}" for r in payload["sets"]
                 if r.get("cascaded") is not None]  # fmt: skip
     if cascaded:
@@ -214,9 +231,16 @@ def main(argv=None):
                              "infer_photos_per_s": per_s,
                              "infer_wall_s": seconds, "infer_summary": summary})  # fmt: skip
                 print(json.dumps(sets[-1]), flush=True)
+        # The machine's speed wanders by 10-20 % within minutes: repeated, interleaved runs
+        # give infer.py's photos/s a spread and a median.
+        repeats = {finder: [] for finder in args.finders}
+        for _ in range(args.repeats):
+            for finder in args.finders:
+                per_s = infer_run(files, args.model, Path(tmp) / "p.csv", args.workers, finder)[0]
+                repeats[finder].append(per_s)
     payload = {
         "sets": sets, "model": args.model, "seed": args.seed, "cpus": os.cpu_count(),
-        "cpu": cpu_description(),
+        "cpu": cpu_description(), "repeats": repeats if args.repeats else None,
         "load_average_before": load_before,
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
     }  # fmt: skip

@@ -8,17 +8,21 @@ another copy of the model, e.g. the INT8 one, scores them)?
     python experiments/finder_parity.py --finder auto --candidate-model models/facecheck.int8.onnx \\
         --json results/finder-parity-auto-int8.json --md results/finder-parity-auto-int8.md
 
+    python experiments/finder_parity.py --finder mtcnn --candidate-model models/facecheck.int8.onnx \\
+        --json results/finder-parity-int8.json --md results/finder-parity-int8.md
+
 The model was trained on crops framed from MTCNN's landmarks. infer.py --finder blazeface lets
 BlazeFace propose the faces and MTCNN's last stage (the O-net) give the landmarks, so the
 framing should barely move (results/detector-blazeface.md: median framing IoU 0.97). This
 measures what that costs the verdicts: every photo of a split of the prepared dataset (its
-original under data/raw, as the manifest names it) goes through the product path twice,
-common.face_inputs with FaceDetector(finder="mtcnn") and with --finder's, and the
-largest face of each through the model (backends.load_model: .onnx, .pt), the candidate's
-through --candidate-model where given (--finder mtcnn then compares the models alone). Reported per source
-and overall: photos with a face, accuracy at the model's threshold for each finder, labels that
+original under data/raw, as the manifest names it) goes through two pipelines, the reference
+(common.face_inputs with FaceDetector(finder="mtcnn"), then --model) and the candidate
+(--finder's faces, then --candidate-model, by default --model; --finder mtcnn with another
+model compares the models alone, on the very same faces). The largest face of each photo is
+classified (backends.load_model: .onnx, .pt), each pipeline at its own model's threshold.
+Reported per source and overall: photos with a face, each pipeline's accuracy, labels that
 agree, the mean and the largest |prob_fake difference|, and McNemar's exact test on the photos
-that one finder gets right and the other wrong (scipy.stats.binomtest on the discordant pairs).
+that one pipeline gets right and the other wrong (scipy.stats.binomtest on the discordant pairs).
 """
 
 import argparse
@@ -67,8 +71,13 @@ def parse_args(argv=None):
     p.add_argument("--md", help="write the table here")
     # fmt: on
     args = p.parse_args(argv)
-    if args.finder == REFERENCE and args.candidate_model in (None, args.model):
+    same_model = args.candidate_model is None or (
+        Path(args.candidate_model).resolve() == Path(args.model).resolve()
+    )
+    if args.finder == REFERENCE and same_model:
         p.error("--finder mtcnn compares the same pipeline with itself: give --candidate-model")
+    if same_model:
+        args.candidate_model = None
     return args
 
 
@@ -115,21 +124,29 @@ def compare(rows, probs, thresholds):
 
 
 def pipeline_names(finder, model, candidate_model):
-    """The two pipelines' names: the finders, with the model files' names when those differ."""
-    if candidate_model in (None, model):
+    """The two pipelines' names: the finders, with the model files' names (their paths where
+    the names are alike) when a candidate model is given."""
+    if candidate_model is None:
         return REFERENCE, finder
-    return f"{REFERENCE}+{Path(model).name}", f"{finder}+{Path(candidate_model).name}"
+    a, b = Path(model).name, Path(candidate_model).name
+    if a == b:
+        a, b = str(model), str(candidate_model)
+    return f"{REFERENCE}+{a}", f"{finder}+{b}"
 
 
 def markdown(result):
     a, b = result["pipelines"]
-    models = result["model"] + (
-        f" (candidate {result['candidate_model']})" if result["candidate_model"] else ""
+    thresholds = result["thresholds"]
+    models = (
+        f"{result['model']} (threshold {thresholds[a]:.4f})"
+        if not result["candidate_model"]
+        else f"{result['model']} (threshold {thresholds[a]:.4f}), candidate "
+        f"{result['candidate_model']} (threshold {thresholds[b]:.4f})"
     )
     lines = [
         f"# The classifier's verdicts: {b} against {a} (experiments/finder_parity.py)",
         "",
-        f"Model {models} (threshold {result['threshold']:.4f}), the {result['split']} "
+        f"Model {models}, the {result['split']} "
         f"split of {result['data']}: every photo's original through common.face_inputs with "
         "each pipeline's finder, the largest face classified by its model. Accuracy on the "
         "photos where both found a face; McNemar: exact binomial test on the photos only one "
@@ -198,7 +215,7 @@ def main(argv=None):
     result = {
         "model": args.model,
         "candidate_model": args.candidate_model,
-        "threshold": thresholds[a],
+        "thresholds": thresholds,
         "data": args.data,
         "split": args.split,
         "finder": args.finder,

@@ -35,6 +35,20 @@ $PY experiments/framing.py models/facecheck.pt --data data/faces --split test --
 $PY export.py --checkpoint models/facecheck.pt --out models/facecheck.onnx --int8 --calib-data data/faces
 $PY bench/speed.py --checkpoint models/facecheck.pt --json results/speed.json
 $PY bench/detector.py --raw data/raw --json results/detector.json
+# infer.py end to end, the FP32 and the INT8 model, three finders each.
+$PY bench/pipeline.py --raw data/raw --photos 400 --model models/facecheck.onnx \
+  --finders mtcnn blazeface auto --repeats 5 --json results/pipeline.json --md results/pipeline.md
+$PY bench/pipeline.py --raw data/raw --photos 400 --model models/facecheck.int8.onnx \
+  --finders mtcnn blazeface auto --repeats 5 --json results/pipeline-int8.json \
+  --md results/pipeline-int8.md
+$PY experiments/finder_parity.py --finder blazeface --json results/finder-parity.json \
+  --md results/finder-parity.md
+$PY experiments/finder_parity.py --finder auto --json results/finder-parity-auto.json \
+  --md results/finder-parity-auto.md
+$PY experiments/finder_parity.py --finder mtcnn --candidate-model models/facecheck.int8.onnx \
+  --json results/finder-parity-int8.json --md results/finder-parity-int8.md
+$PY experiments/finder_parity.py --finder auto --candidate-model models/facecheck.int8.onnx \
+  --json results/finder-parity-auto-int8.json --md results/finder-parity-auto-int8.md
 
 # 5. Leave one source out, every source of both classes once, 6 epochs each (stated as such).
 $PY experiments/lofo.py --data data/faces --epochs 6 --patience 6 --runs runs/lofo-v2 \

@@ -5,7 +5,9 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
@@ -369,10 +371,63 @@ def test_parity_scores_each_pipeline_at_its_own_models_threshold():
     assert list(table) == ["s", "t", "all"]
 
 
-def test_parity_refuses_to_compare_a_pipeline_with_itself(capsys):
+def test_parity_refuses_to_compare_a_pipeline_with_itself(capsys, tmp_path):
     import finder_parity
 
-    with pytest.raises(SystemExit):
-        finder_parity.parse_args(["--finder", "mtcnn"])
-    assert "give --candidate-model" in capsys.readouterr().err
-    assert finder_parity.parse_args(["--finder", "mtcnn", "--candidate-model", "x.onnx"])
+    for argv in (["--finder", "mtcnn"],
+                 ["--finder", "mtcnn", "--model", "m.onnx", "--candidate-model", "./m.onnx"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            finder_parity.parse_args(argv)
+        assert "give --candidate-model" in capsys.readouterr().err
+    args = finder_parity.parse_args(["--finder", "mtcnn", "--candidate-model", "x.onnx"])
+    assert args.candidate_model == "x.onnx"
+    # The same model given twice under another finder is no candidate model: names stay short.
+    args = finder_parity.parse_args(["--finder", "auto", "--model", "m.onnx",
+                                     "--candidate-model", str(Path("m.onnx").resolve())])  # fmt: skip
+    assert args.candidate_model is None
+    # Two files of one name are told apart by their paths.
+    assert finder_parity.pipeline_names("auto", "a/m.onnx", "b/m.onnx") == (
+        "mtcnn+a/m.onnx", "auto+b/m.onnx")  # fmt: skip
+
+
+def test_parity_of_two_models_finds_the_faces_once(monkeypatch, tmp_path):
+    """--finder mtcnn with a candidate model: one detector, the same faces for both models,
+    each scored at its own threshold, both thresholds in the report."""
+    import finder_parity
+
+    made, seen = [], []
+
+    class Detector:
+        def __init__(self, finder):
+            made.append(finder)
+
+    def fake_model(threshold, bias):
+        def run(x):
+            seen.append(x.copy())
+            fake = x.mean(axis=(1, 2, 3)) * 8 - 4 + bias  # brighter face, more "fake"
+            return np.stack([np.zeros_like(fake), fake], axis=1)
+
+        return run, {"faces": "mtcnn", "image_size": 4, "threshold": threshold}
+
+    models = {"m.onnx": fake_model(0.5, 0.0), "m.int8.onnx": fake_model(0.6, 0.1)}
+    rows = [{"source": "s", "label": "fake" if k % 2 else "real", "original": f"{k}.jpg"}
+            for k in range(6)]  # fmt: skip
+    faces = {f"{k}.jpg": np.full((4, 4, 3), 40 * k, np.uint8) for k in range(6)}
+    monkeypatch.setattr(finder_parity, "FaceDetector", lambda finder: Detector(finder))
+    monkeypatch.setattr(finder_parity, "load_model", lambda path: models[path])
+    monkeypatch.setattr(finder_parity, "read_manifest", lambda data, split: rows)
+    monkeypatch.setattr(
+        finder_parity,
+        "largest_face_input",
+        lambda path, size, detectors: {f: faces[Path(path).name] for f in detectors},
+    )
+    out = tmp_path / "parity.json"
+    finder_parity.main(["--finder", "mtcnn", "--model", "m.onnx",
+                        "--candidate-model", "m.int8.onnx", "--json", str(out)])  # fmt: skip
+    assert made == ["mtcnn"]
+    assert len(seen) == 2 and np.array_equal(seen[0], seen[1])
+    result = json.loads(out.read_text())
+    a, b = result["pipelines"]
+    assert (a, b) == ("mtcnn+m.onnx", "mtcnn+m.int8.onnx")
+    assert result["thresholds"] == {a: 0.5, b: 0.6}
+    assert result["per_source"]["all"]["both"] == 6

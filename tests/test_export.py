@@ -193,7 +193,7 @@ def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs, prepared):
     expected, _ = predict(model, images, torch.device("cpu"))
     _, prob = export.accuracy(ort(int8), images, labels.numpy(), 0.5)
     # Mean gap and label agreement, not the worst image: quantisation error is uneven (the
-    # shipped model: mean small, one validation image off by 0.33, accuracy -0.19 points).
+    # shipped model: mean small, one validation image off by 0.10, accuracy -0.34 points).
     gap = np.abs(prob - expected.numpy())
     print(f"int8 vs fp32 on val: mean |gap| {gap.mean():.4f}, max {gap.max():.4f}")
     assert gap.mean() < 0.02
@@ -214,21 +214,6 @@ def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs, prepared):
         acc, _ = export.accuracy(ort(out.parent / name), images, labels.numpy(), threshold)
         assert report[name]["val_accuracy"] == acc
     assert props(out.with_suffix(".fp16.onnx"))["precision"] == "fp16"
-    # Activations: UINT8 with a zero point in the CPU model (U8S8, the format ONNX Runtime runs
-    # fast on x86: its S8S8 model was slower than FP32 there), INT8 with zero point 0 in the
-    # TensorRT one (TensorRT takes no other).
-    points, types = activation_quantisation(int8)
-    assert points - {0} and types == {np.uint8}
-    assert activation_quantisation(out.with_suffix(".int8-trt.onnx")) == ({0}, {np.int8})
-
-
-def activation_quantisation(path):
-    """The zero points and integer types of a Q/DQ model's QuantizeLinear nodes (activations)."""
-    graph = onnx.load(str(path)).graph
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    points = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
-    assert points, f"{path} has no QuantizeLinear"
-    return {int(v) for p in points for v in p.ravel()}, {p.dtype.type for p in points}
 
 
 def test_cli_attention_off_checkpoint(tiny_runs, tmp_path, capsys):

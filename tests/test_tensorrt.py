@@ -18,7 +18,7 @@ import onnx
 import pytest
 import torch
 from conftest import ROOT
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import backends
 import export
@@ -211,6 +211,21 @@ def test_cpu_int8_model_is_separate_and_both_run(onnx_models):
         for n in dq
         if inits.get(n.input[0]) is not None and inits[n.input[0]].data_type == TensorProto.INT32
     ]
+
+    # The CPU model's activations are UINT8 with a zero point (U8S8: ONNX Runtime's fast kind on
+    # x86, where the TensorRT-style S8S8 copy ran slower than FP32) and its weights 7-bit
+    # (reduce_range: no 16-bit saturation without VNNI); the TensorRT model's take the full
+    # INT8 range, activations with zero point 0.
+    def activations_and_widest_weight(key):
+        _, inits, _, q, weight_dq = qdq_facts(onnx_models["paths"][key])
+        points = [numpy_helper.to_array(inits[n.input[2]]) for n in q]
+        widest = max(np.abs(numpy_helper.to_array(inits[n.input[0]])).max() for n in weight_dq)
+        return {p.dtype.type for p in points}, {int(v) for p in points for v in p.ravel()}, widest
+
+    types, points, widest = activations_and_widest_weight("int8-cpu")
+    assert types == {np.uint8} and points - {0} and widest <= 64
+    types, points, widest = activations_and_widest_weight("int8")
+    assert types == {np.int8} and points == {0} and widest > 64
     _, contiguous = channels_last_batch(8)
     reference = ort_logits(onnx_models["paths"]["fp32"], contiguous)
     for key in ("int8", "int8-cpu"):
