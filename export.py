@@ -397,11 +397,11 @@ def quantize_int8(fp32_path, out_path, images, batch=32, target="cpu"):
     input to this layer", onnx/onnx-tensorrt#850, microsoft/onnxruntime#17738), and nodes with
     a 0-D constant input stay unquantised (scalar_constant_nodes). target "cpu": UINT8
     activations with a zero point (U8S8) and 7-bit weights (reduce_range), INT32 biases, which
-    ONNX Runtime's CPU kernels fuse into QLinearConv; not for TensorRT. Why U8S8 (docs/edge.md):
-    on the shipped model ONNX Runtime ran the TensorRT-style S8S8 copy 1.6x slower than FP32 on
-    an AVX2 CPU, the U8S8 one 1.3x faster at batch 64; reduce_range is ONNX Runtime's
-    documented remedy for U8S8's 16-bit saturation (VPMADDUBSW) on x86 without VNNI, and kept
-    the verdicts closest to FP32's (99 % of validation verdicts, 97.2 % without it)."""
+    ONNX Runtime's CPU kernels fuse into QLinearConv; not for TensorRT. Why U8S8 (docs/edge.md,
+    bench/speed.py): on the shipped model and an AVX2 CPU, ONNX Runtime ran the TensorRT-style
+    S8S8 copy 1.8x slower than FP32 at batch 64 and the U8S8 one 1.45x faster; reduce_range is
+    ONNX Runtime's documented remedy for U8S8's 16-bit saturation (VPMADDUBSW) on x86 without
+    VNNI."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader as Reader
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
