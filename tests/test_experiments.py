@@ -244,10 +244,16 @@ def test_lofo_table_lists_reals_first_worst_first(tmp_path, capsys):
         json.dumps({"per_source": [{"source": "a", "accuracy": 0.95}]})
     )
     lofo_table.main([str(tmp_path / "lofo.json"), "--in-distribution",
-                     str(tmp_path / "metrics.json"), "--out", str(tmp_path / "t.md")])  # fmt: skip
+                     str(tmp_path / "metrics.json"), "--out", str(tmp_path / "t.md"),
+                     "--plot", str(tmp_path / "t.png")])  # fmt: skip
     lines = (tmp_path / "t.md").read_text().splitlines()[2:]
-    assert [ln.split(" | ")[0] for ln in lines] == ["| a", "| b", "| g"]
+    assert [ln.split(" | ")[0] for ln in lines[:3]] == ["| a", "| b", "| g"]
     assert lines[0].endswith("| 0.950 |") and lines[1].endswith("| - |")
+    # The targets on the sources so far: mean (0.1 + 0.9 + 0.2) / 3; one real of two >= 0.70.
+    assert lines[4] == ("3 sources held out so far: mean accuracy on them 0.400 (target >= 0.80); "
+                        "held-out real sources called real >= 0.70: 1 of 2 (target: all).")  # fmt: skip
+    with Image.open(tmp_path / "t.png") as im:
+        assert im.format == "PNG" and im.size[1] > 100
     # A held-out source with the demographic audit gets its groups in a second table.
     groups = [{"attribute": "race", "group": "White", "n": 30, "called_real": 0.6},
               {"attribute": "race", "group": "Black", "n": 25, "called_real": 0.9},
