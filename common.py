@@ -819,9 +819,17 @@ def read_manifest(data_dir, split=None):
     return rows
 
 
+SPLIT_COLUMNS = ("path", "label", "source", "split", "group")
+
+
 def manifest_hash(data_dir):
-    """sha256 of manifest.csv: ties a checkpoint to the exact dataset it saw."""
-    return hashlib.sha256((Path(data_dir) / "manifest.csv").read_bytes()).hexdigest()
+    """sha256 of which image is in which split (manifest.csv's SPLIT_COLUMNS, row by row): ties
+    a checkpoint to the splits it saw. Not the whole file: the same photos prepared on another
+    CPU get face boxes a fraction of a pixel apart (the finder's floating point), the same
+    split, and must not read as another dataset. path is named by the photo's own sha256."""
+    with open(Path(data_dir) / "manifest.csv", newline="", encoding="utf-8") as f:
+        rows = [",".join(r[c] for c in SPLIT_COLUMNS) for r in csv.DictReader(f)]
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
 def load_rows(rows, framing=1.0, progress=False, desc="load"):

@@ -43,8 +43,9 @@ def record(run, predictions, data=None):
     ckpt = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
     # The same split must be scored as in training. prepare_data.py run again on another
     # machine writes the same faces and splits, but its MTCNN box and landmark figures can
-    # differ in the last digit, and so does the manifest's hash; the validation loss then
-    # tells: it must come out as training measured it.
+    # differ in the last digit; checkpoints from before common.manifest_hash covered only the
+    # splits carry a hash of the whole file, so the validation loss tells: it must come out as
+    # training measured it.
     val_loss = score_run(facts, outputs)[0]["val_loss"]
     if facts["manifest_sha256"] != ckpt.get("manifest_sha256") and not math.isclose(
         val_loss, ckpt["val_metrics"]["loss"], rel_tol=1e-4

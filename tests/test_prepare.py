@@ -311,3 +311,25 @@ def test_make_prepare_groups_amfd_only_where_there_is_one(raw_tree, tmp_path):
     (tmp_path / "real" / "amfd").mkdir(parents=True)
     (tmp_path / "fake").mkdir()
     assert "--group 'amfd=-(\\d+)'" in prepare_command(tmp_path)
+
+
+def test_manifest_hash_follows_the_splits_not_the_face_boxes(tmp_path):
+    # The same photos prepared on another CPU: face boxes a fraction of a pixel apart, the same
+    # split. The checkpoint's tie to its data must hold there and break when a split moves.
+    from common import manifest_hash
+
+    header = "path,label,source,split,group,face_x0,crop_side\n"
+    rows = [
+        "images/a/1.png,real,a,train,a/1,31.20,232.78",
+        "images/b/2.png,fake,b,test,b/2,5.00,90.10",
+    ]
+    (tmp_path / "manifest.csv").write_text(header + "\n".join(rows) + "\n")
+    first = manifest_hash(tmp_path)
+    (tmp_path / "manifest.csv").write_text(
+        header + rows[0].replace("31.20", "31.21") + "\n" + rows[1] + "\n"
+    )
+    assert manifest_hash(tmp_path) == first
+    (tmp_path / "manifest.csv").write_text(
+        header + rows[0].replace("train", "test") + "\n" + rows[1] + "\n"
+    )
+    assert manifest_hash(tmp_path) != first
