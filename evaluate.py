@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from calibrate import decision
 from common import (
     CLASS_NAMES,
     PERTURBATIONS,
@@ -158,6 +159,32 @@ def compute_metrics(labels, prob, threshold):
     return out
 
 
+def decisions(labels, prob, threshold, band):
+    """What a user is shown: real, fake or unsure (calibrate.decision with the checkpoint's band,
+    picked on validation). The share unsure, how often the confident calls are right, and the
+    two confident errors per class (a real face called fake confidently is the one that hurts a
+    real person). None without a band (a checkpoint from before bands existed)."""
+    if band is None:
+        return None
+    labels = np.asarray(labels, dtype=int)
+    said = np.array([decision(float(p), threshold, band) for p in prob])
+    sure = said != "unsure"
+    right = said == np.array(CLASS_NAMES)[labels]
+    per_class = {
+        name: {verdict: float((said[labels == i] == verdict).mean()) if (labels == i).any() else None
+               for verdict in ("real", "unsure", "fake")}
+        for i, name in enumerate(CLASS_NAMES)
+    }  # fmt: skip
+    return {
+        "band": [float(band[0]), float(band[1])],
+        "unsure_share": float(1 - sure.mean()),
+        "confident_accuracy": float(right[sure].mean()) if sure.any() else None,
+        "real_called_fake_confidently": per_class["real"]["fake"],
+        "fake_called_real_confidently": per_class["fake"]["real"],
+        "per_class": per_class,
+    }
+
+
 def calibration_bins(labels, prob, n_bins=10):
     """Reliability table over equal-width bins of prob_fake: n, mean prob_fake and the fraction
     that is fake (sklearn's calibration_curve gives the same two curves but drops the counts,
@@ -176,10 +203,11 @@ def calibration_bins(labels, prob, n_bins=10):
     return {"bins": bins, "expected_calibration_error": ece}
 
 
-def per_source_table(rows, prob, threshold):
-    """n, accuracy and mean prob_fake of every source in rows (one label per source), and for
-    face data the median face size (model view side in source pixels) and the Spearman
-    correlation of prob_fake with it inside the source."""
+def per_source_table(rows, prob, threshold, band=None):
+    """n, accuracy and mean prob_fake of every source in rows (one label per source), with a
+    band the share unsure and confidently wrong, and for face data the median face size (model
+    view side in source pixels) and the Spearman correlation of prob_fake with it inside the
+    source."""
     from scipy.stats import spearmanr
 
     prob = np.asarray(prob, dtype=float)
@@ -192,6 +220,12 @@ def per_source_table(rows, prob, threshold):
         m = sources == source
         row = dict(source=source, label=label_of[source], n=int(m.sum()))
         row.update(accuracy=float(correct[m].mean()), mean_prob_fake=float(prob[m].mean()))
+        if band is not None:
+            d = decisions(labels[m], prob[m], threshold, band)["per_class"][label_of[source]]
+            row.update(
+                unsure=d["unsure"],
+                confidently_wrong=d["fake" if label_of[source] == "real" else "real"],
+            )
         if rows[0].get("crop_side"):  # the face's native size, and whether the score follows it
             sides = np.array([VIEW * float(r["crop_side"]) for r in rows])[m]
             row["median_face_px"] = float(np.median(sides))
@@ -582,6 +616,12 @@ def print_report(m, sources):
         f"at 5% FPR {fmt(m['tpr_at_fpr_5pct'])}\nBrier score {m['brier']:.4f}, expected "
         f"calibration error {m['calibration']['expected_calibration_error']:.4f} (calibration.png)"
     )
+    if d := m.get("decisions"):
+        print(f"unsure band prob_fake {d['band'][0]:.3f}-{d['band'][1]:.3f} (from validation): "
+              f"unsure {fmt(d['unsure_share'], 3)}, confident calls right "
+              f"{fmt(d['confident_accuracy'], 3)}; real faces called fake confidently "
+              f"{fmt(d['real_called_fake_confidently'], 3)}, fakes called real confidently "
+              f"{fmt(d['fake_called_real_confidently'], 3)}")  # fmt: skip
     print(demographic_headline(m["demographics"]) + "\n")
     classes = [*m["per_class"].items(), ("macro", {**m["macro"], "support": m["n"]})]
     rows = [
@@ -592,11 +632,13 @@ def print_report(m, sources):
     rows = [[f"true {n}", *row] for n, row in zip(CLASS_NAMES, cm)]
     print(table(["", *(f"predicted {n}" for n in CLASS_NAMES)], rows) + "\n")
     rows = [
-        [s["source"], s["label"], s["n"], fmt(s["accuracy"]), fmt(s["mean_prob_fake"]),
+        [s["source"], s["label"], s["n"], fmt(s["accuracy"]), fmt(s.get("unsure"), 3),
+         fmt(s.get("confidently_wrong"), 3), fmt(s["mean_prob_fake"]),
          fmt(s.get("median_face_px"), 0), fmt(s.get("spearman_prob_vs_face_px"), 2)]
         for s in sources
     ]  # fmt: skip
-    header = ["source", "label", "n", "accuracy", "mean prob_fake", "face px", "Spearman vs px"]
+    header = ["source", "label", "n", "accuracy", "unsure", "confidently wrong",
+              "mean prob_fake", "face px", "Spearman vs px"]  # fmt: skip
     print("per source (shortcut audit)\n\n" + table(header, rows))
     print_audits(m)
 
@@ -666,12 +708,12 @@ def evaluate_split(args, device):
     images = model_view(stored)
     threshold = float(ckpt["threshold"])
     prob, _ = predict(model.to(device), images, device, args.batch_size)
+    band = ckpt.get("unsure_band")
     metrics = compute_metrics(labels, prob, threshold)
-    sources = per_source_table(rows, prob, threshold)
+    metrics["decisions"] = decisions(labels, prob.numpy(), threshold, band)
+    sources = per_source_table(rows, prob, threshold, band)
     # The audits that show a shortcut: who gets called fake, and whether large and sharp does.
-    groups = called_real_by_group(
-        rows, prob.numpy(), threshold, ckpt.get("unsure_band"), args.min_group
-    )
+    groups = called_real_by_group(rows, prob.numpy(), threshold, band, args.min_group)
     metrics["demographic_gap"] = groups["gap"]["gap"] if groups and groups["gap"] else None
     metrics["demographics"] = groups
     sides = [VIEW * float(r["crop_side"]) for r in rows] if rows[0].get("crop_side") else None

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import calibrate
 import common
 import demographics
 import evaluate
@@ -123,6 +124,25 @@ def test_per_source_table_adds_up():
     assert ffhq["accuracy"] == pytest.approx(2 / 3) and lfw["accuracy"] == 1.0
     assert gan["accuracy"] == pytest.approx(0.75)
     assert gan["mean_prob_fake"] == pytest.approx((0.8 + 0.7 + 0.6 + 0.2) / 4)
+
+
+def test_decisions_count_unsure_and_confident_errors_by_hand():
+    # band 0.3-0.8 around threshold 0.5: real below 0.3, fake from 0.8, unsure between.
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    prob = [0.1, 0.2, 0.5, 0.9, 0.95, 0.85, 0.4, 0.05]
+    d = evaluate.decisions(labels, prob, 0.5, (0.3, 0.8))
+    assert d["unsure_share"] == pytest.approx(2 / 8)
+    assert d["confident_accuracy"] == pytest.approx(4 / 6)  # 2 reals, 2 fakes right; 2 wrong
+    assert d["real_called_fake_confidently"] == pytest.approx(1 / 4)
+    assert d["fake_called_real_confidently"] == pytest.approx(1 / 4)
+    assert d["per_class"]["real"] == {"real": 0.5, "unsure": 0.25, "fake": 0.25}
+    assert evaluate.decisions(labels, prob, 0.5, None) is None  # no band, no decisions
+    nobody_sure = evaluate.decisions([0, 1], [0.5, 0.6], 0.5, (0.3, 0.8))
+    assert nobody_sure["unsure_share"] == 1 and nobody_sure["confident_accuracy"] is None
+    rows = [{"source": s, "label": lab} for s, lab in [("a", "real")] * 4 + [("b", "fake")] * 4]
+    table = evaluate.per_source_table(rows, prob, 0.5, band=(0.3, 0.8))
+    assert [(t["unsure"], t["confidently_wrong"]) for t in table] == [(0.25, 0.25), (0.25, 0.25)]
+    assert "unsure" not in evaluate.per_source_table(rows, prob, 0.5)[0]
 
 
 def test_pick_examples_mixes_classes_deterministically():
@@ -293,6 +313,13 @@ def test_evaluate_run_writes_everything(tiny_runs, prepared, tmp_path, capsys):
     assert "Brier score" in text
     assert sum(b["n"] for b in m["calibration"]["bins"]) == m["n"]
     assert report["metrics"] == m
+    # What a user is shown (real / fake / unsure with the checkpoint's band) agrees with the
+    # predictions, decided again here by calibrate.decision.
+    said = [calibrate.decision(float(p["prob_fake"]), ckpt["threshold"], ckpt["unsure_band"])
+            for p in preds]  # fmt: skip
+    assert m["decisions"]["band"] == pytest.approx(list(ckpt["unsure_band"]))
+    assert m["decisions"]["unsure_share"] == pytest.approx(np.mean([s == "unsure" for s in said]))
+    assert "unsure band prob_fake" in text
 
 
 def test_evaluate_audits_who_is_called_fake(tiny_runs, prepared, tmp_path, capsys):
