@@ -320,8 +320,9 @@ def test_run_record_takes_a_dataset_prepared_again_but_not_another_split(
     tiny_runs, prepared, tmp_path
 ):
     # prepare_data.py on another machine: the same faces and splits, a face box's last digit
-    # apart, so another manifest hash. Accepted, since validation scores as in training; a
-    # dataset whose splits moved is refused.
+    # apart: the same manifest hash (it covers the splits). A checkpoint from before, whose hash
+    # covered the whole file, is accepted since validation scores as in training; a dataset
+    # whose splits moved is refused.
     import run_record
 
     from common import read_manifest, write_csv
@@ -338,6 +339,7 @@ def test_run_record_takes_a_dataset_prepared_again_but_not_another_split(
 
     def reworded(rows):
         rows[0]["original"] += " "
+        rows[0]["width"] += "0"
 
     def moved(rows):
         val = [r for r in rows if r["split"] == "val"]
@@ -349,7 +351,14 @@ def test_run_record_takes_a_dataset_prepared_again_but_not_another_split(
     again = copy_with(reworded)
     run_record.main([str(tiny_runs["off"]), "--out", str(out), "--data", str(again)])
     r = json.loads(out.read_text())["attention-off"]
-    assert r["manifest_sha256"] != r["trained_manifest_sha256"]
+    assert r["manifest_sha256"] == r["trained_manifest_sha256"]
+    older = tmp_path / "older" / "attention-off"
+    shutil.copytree(tiny_runs["off"], older)
+    ckpt = torch.load(older / "best.pt", weights_only=True)
+    torch.save({**ckpt, "manifest_sha256": "0" * 64}, older / "best.pt")
+    run_record.main([str(older), "--out", str(tmp_path / "older.json"), "--data", str(again)])
+    r = json.loads((tmp_path / "older.json").read_text())["attention-off"]
+    assert r["manifest_sha256"] != r["trained_manifest_sha256"] == "0" * 64
     # Runs recorded on either copy still pair up: the same faces, another manifest hash.
     run_record.main([str(tiny_runs["on"]), "--out", str(out)])
     assert len(compare.compare_runs([out])["mcnemar"]["val"]["pairs"]) == 1
