@@ -35,6 +35,7 @@ from lofo import score, write_subset  # noqa: E402
 
 from common import atomic_write, read_manifest  # noqa: E402
 from demographics import called_real_by_group  # noqa: E402
+from evaluate import decisions  # noqa: E402
 from model import count_parameters, load_checkpoint  # noqa: E402
 
 # Each half: a small FFHQ-like real set against a StyleGAN2 set of the same look, web photos,
@@ -120,7 +121,7 @@ def score_fold(model, ckpt, rows, trained_on):
         np.mean([s["accuracy"] for s in per_source.values() if s["label"] == label])
         for label in ("real", "fake")
     ]
-    confident = (prob >= max(band[1], t)) | (prob < min(band[0], t))
+    shown = decisions(is_fake.astype(int), prob, t, band)  # real / fake / unsure, as infer.py says
     groups = called_real_by_group(unseen, prob, t, band)
     return {
         "trained_on": trained_on,
@@ -134,8 +135,8 @@ def score_fold(model, ckpt, rows, trained_on):
             (s["accuracy"], k) for k, s in per_source.items() if s["label"] == "real"
         ),
         "unseen_auc": float(roc_auc_score(is_fake, prob)),
-        "unseen_unsure_share": float(1 - confident.mean()),
-        "unseen_confident_accuracy": accuracy(prob[confident], is_fake[confident], t),
+        "unseen_unsure_share": shown["unsure_share"],
+        "unseen_confident_accuracy": shown["confident_accuracy"],
         "unseen_demographic_gap": groups["gap"]["gap"] if groups and groups["gap"] else None,
         "unseen_demographics": groups,
         "unseen_per_source": per_source,
