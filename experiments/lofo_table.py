@@ -10,7 +10,12 @@ held-out sources whose file names say who is in the photo, their faces called re
 
 Below the table: the issue's targets for unseen sources on the sources measured so far (every
 held-out real source called real >= 0.70, the mean over held-out sources >= 0.80). --plot draws
-each source's accuracy held out beside its accuracy seen in training.
+each source's accuracy held out beside its accuracy seen in training. --readme EARLIER.json
+prints the README results row's two middle cells (this recipe; an earlier one on the same
+sources), so the numbers there are copied by the program, not by hand:
+
+    python experiments/lofo_table.py results/lofo-v3.json \
+        --in-distribution results/v3-final-test/metrics.json --readme results/lofo-v2.json
 """
 
 import argparse
@@ -43,6 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="also write the table here (markdown)")
     p.add_argument(
         "--plot", default=None, metavar="PNG", help="also draw held-out against seen accuracy here"
+    )
+    p.add_argument(
+        "--readme",
+        default=None,
+        metavar="EARLIER_JSON",
+        help="print the README row's cells, this recipe beside that earlier lofo.py JSON",
     )
     return p.parse_args(argv)
 
@@ -126,6 +137,32 @@ def group_table(runs):
     return lines
 
 
+def readme_cells(runs, earlier, earlier_name="data-v2 recipe", earlier_data="data v2"):
+    """The README results row's middle cells: each held-out source "name accuracy (ROC-AUC)",
+    reals then fakes, worst first, with the mean; then the earlier recipe on the sources both
+    held out, in the same order, and the sources it never had."""
+
+    def listed(rs, auc="ROC-AUC "):
+        return ", ".join(f"{r['held_out']} {r['unseen_accuracy']:.3f} "
+                         f"({auc if k == 0 else ''}{r['unseen_vs_other_class_test_auc']:.3f})"
+                         for k, r in enumerate(rs))  # fmt: skip
+
+    ordered = reals_first_worst_first(runs)
+    reals = [r for r in ordered if r["label"] == "real"]
+    fakes = [r for r in ordered if r["label"] == "fake"]
+    mean = sum(r["unseen_accuracy"] for r in runs) / len(runs)
+    ours = f"held out, called real: {listed(reals)}"
+    ours += f"; caught: {listed(fakes, auc='')}" if fakes else ""
+    ours += f"; mean {mean:.3f}"
+    before = {r["held_out"]: r for r in earlier}
+    both = [before[r["held_out"]] for r in ordered if r["held_out"] in before]
+    missing = [r["held_out"] for r in ordered if r["held_out"] not in before]
+    theirs = f"{earlier_name}: {listed(both, auc='')}"
+    if missing:
+        theirs += f"; {', '.join(missing)} not in {earlier_data}"
+    return ours, theirs
+
+
 def main(argv=None):
     args = parse_args(argv)
     runs = json.loads(Path(args.lofo).read_text())["runs"]
@@ -137,6 +174,9 @@ def main(argv=None):
         atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
     if args.plot:
         plot(runs, in_distribution, args.plot)
+    if args.readme:
+        earlier = json.loads(Path(args.readme).read_text())["runs"]
+        print("\n".join(("", "README cells:", *readme_cells(runs, earlier))))
 
 
 if __name__ == "__main__":

@@ -263,6 +263,13 @@ def test_lofo_table_lists_reals_first_worst_first(tmp_path, capsys):
     text = lofo_table.table(runs, {})
     assert "| b | race | White | 30 | 0.600 |" in text and "| b | race | Other | 4 (few) |" in text
     assert "| b | gap, groups of >= 20 | race Black - race White | | 0.300 |" in text
+    # The README row's cells: reals then fakes, worst first; the earlier recipe on the same
+    # sources in that order, and the sources it never had.
+    earlier = [{**runs[0], "unseen_accuracy": 0.3}, {**runs[2], "unseen_accuracy": 0.4}]
+    ours, theirs = lofo_table.readme_cells(runs, earlier)
+    assert ours == ("held out, called real: a 0.200 (ROC-AUC 0.600), b 0.900 (0.600); "
+                    "caught: g 0.100 (0.600); mean 0.400")  # fmt: skip
+    assert theirs == "data-v2 recipe: a 0.400 (0.600), g 0.300 (0.600); b not in data v2"
 
 
 def test_experiment_scripts_parse():
