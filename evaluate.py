@@ -281,6 +281,17 @@ def shortcut_check(measure, labels, prob, threshold, n_bins=5):
     return out
 
 
+def size_and_sharpness(rows, sharp, labels, prob, threshold):
+    """shortcut_check on the face's native size (the model's view side in source pixels, from
+    the manifest; None for a dataset without face boxes) and on sharp (sharpness of the
+    images), for manifest rows with labels (0 real, 1 fake) and prob_fake."""
+    sides = [VIEW * float(r["crop_side"]) for r in rows] if rows[0].get("crop_side") else None
+    return {
+        "face_px": None if sides is None else shortcut_check(sides, labels, prob, threshold),
+        "sharpness": shortcut_check(sharp, labels, prob, threshold),
+    }
+
+
 FRAMINGS = (0.8, 1.25)  # the same face framed 0.8x (tighter) and 1.25x (wider) from its crop
 
 
@@ -716,12 +727,9 @@ def evaluate_split(args, device):
     groups = called_real_by_group(rows, prob.numpy(), threshold, band, args.min_group)
     metrics["demographic_gap"] = groups["gap"]["gap"] if groups and groups["gap"] else None
     metrics["demographics"] = groups
-    sides = [VIEW * float(r["crop_side"]) for r in rows] if rows[0].get("crop_side") else None
-    sharp = sharpness(images)
-    metrics["size_and_sharpness"] = {
-        "face_px": None if sides is None else shortcut_check(sides, labels, prob, threshold),
-        "sharpness": shortcut_check(sharp, labels, prob, threshold),
-    }
+    metrics["size_and_sharpness"] = size_and_sharpness(
+        rows, sharpness(images), labels, prob, threshold
+    )
     attention = "on" if ckpt["config"]["attention"] else "off"
     print(
         f"{ckpt_path} (attention {attention}, epoch {ckpt['epoch']}) on {data_dir} {args.split}: "

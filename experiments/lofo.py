@@ -15,7 +15,10 @@ image of X (all of them unseen) against the test images of the other class.
 Reports accuracy on X at the checkpoint's threshold, ROC-AUC of X vs the other class's test
 images, the accuracy on those, and the accuracy on the remaining in-distribution test split;
 for a real source whose file names say who is in the photo (demographics.py), its faces
-called real per group and the gap between the best and the worst group.
+called real per group and the gap between the best and the worst group; and evaluate.py's
+size-and-sharpness audit on X beside the other class's test images (does prob_fake follow the
+face's native size or its sharpness?). A source recorded before that audit existed gets it
+from its run's best.pt when the run is still under --runs.
 """
 
 import argparse
@@ -37,14 +40,17 @@ from compare import run_facts  # noqa: E402
 
 from common import atomic_write, load_rows, read_manifest, write_csv  # noqa: E402
 from demographics import called_real_by_group  # noqa: E402
+from evaluate import sharpness, size_and_sharpness  # noqa: E402
 from model import load_checkpoint, predict  # noqa: E402
 from train import parse_args as train_defaults  # noqa: E402
 from train import saved_train_args  # noqa: E402
 
 
 def score(model, rows):
-    prob, _ = predict(model, load_rows(rows), torch.device("cpu"))
-    return prob.numpy()
+    """prob_fake and sharpness (evaluate.sharpness) of each row's model view."""
+    images = load_rows(rows)
+    prob, _ = predict(model, images, torch.device("cpu"))
+    return prob.numpy(), sharpness(images)
 
 
 def parse_args(argv=None):
@@ -161,13 +167,20 @@ def train_without(subset, run, recipe, train_args=()):
 def score_held_out(model, ckpt, rows, held_out, is_fake):
     """Every image of the held-out source (all unseen) against the other class's test images."""
     unseen = [r for r in rows if r["source"] == held_out]
-    prob_unseen = score(model, unseen)
+    prob_unseen, sharp_unseen = score(model, unseen)
     # The other class's test images are part of the seen test split: decode and score once.
     seen_test = [r for r in rows if r["split"] == "test" and r["source"] != held_out]
-    prob_seen = score(model, seen_test)
+    prob_seen, sharp_seen = score(model, seen_test)
     labels_seen = np.array([r["label"] == "fake" for r in seen_test])
-    prob_other = prob_seen[labels_seen != is_fake]
+    other = labels_seen != is_fake
+    prob_other = prob_seen[other]
     t = ckpt["threshold"]
+    # The shortcut audit on the unseen source beside the other class's test faces: does a
+    # large or sharp face read as fake when its source was never seen?
+    pool = unseen + [r for r, o in zip(seen_test, other) if o]
+    pool_labels = np.r_[np.full(len(unseen), int(is_fake)), np.full(other.sum(), int(not is_fake))]
+    audit = size_and_sharpness(pool, np.r_[sharp_unseen, sharp_seen[other]], pool_labels,
+                               np.r_[prob_unseen, prob_other], t)  # fmt: skip
     auc = roc_auc_score(
         np.r_[np.full(len(unseen), is_fake), np.full(len(prob_other), not is_fake)],
         np.r_[prob_unseen, prob_other],
@@ -185,6 +198,7 @@ def score_held_out(model, ckpt, rows, held_out, is_fake):
         "best_epoch": ckpt["epoch"],
         # Who of the unseen source gets called fake (None for a source without labels).
         "demographics": called_real_by_group(unseen, prob_unseen, t, ckpt.get("unsure_band")),
+        "size_and_sharpness": audit,
     }
 
 
@@ -240,6 +254,18 @@ def hold_out(data, rows, held_out, label_of, recipe, args):
                      "train_args": args.train_args, **times}  # fmt: skip
 
 
+def add_audit(result, run, rows, recipe):
+    """A result recorded before the size-and-sharpness audit existed gets it from its run's
+    best.pt, where that run is still on this machine; the accuracy must come out as recorded."""
+    model, ckpt = train_without(None, run, recipe)  # finished: only loaded and checked
+    again = score_held_out(model, ckpt, rows, result["held_out"], result["label"] == "fake")
+    if not np.isclose(again["unseen_accuracy"], result["unseen_accuracy"]):
+        sys.exit(f"error: {run}/best.pt gives {again['unseen_accuracy']:.4f} on "
+                 f"{result['held_out']}, recorded {result['unseen_accuracy']:.4f}")  # fmt: skip
+    print(f"{result['held_out']}: size and sharpness audit added from {run}/best.pt", flush=True)
+    return result | {"size_and_sharpness": again["size_and_sharpness"]}
+
+
 def main(argv=None):
     args = parse_args(argv)
     data = Path(args.data).resolve()
@@ -261,7 +287,10 @@ def main(argv=None):
     for held_out in held_out_sources:
         if held_out in recorded:  # measured in an earlier session, maybe on another machine
             print(f"{held_out}: recorded in {args.out}, reused", flush=True)
-            results.append(recorded[held_out])
+            result, run = recorded[held_out], Path(args.runs) / f"without-{held_out}"
+            if "size_and_sharpness" not in result and (run / "done").exists():
+                result = add_audit(result, run, rows, recipe)
+            results.append(result)
         else:
             results.append(hold_out(data, rows, held_out, label_of, recipe, args))
             print(json.dumps(results[-1]), flush=True)

@@ -9,7 +9,8 @@ held-out sources whose file names say who is in the photo, their faces called re
         --plot results/lofo-v3.png
 
 Below the table: the issue's targets for unseen sources on the sources measured so far (every
-held-out real source called real >= 0.70, the mean over held-out sources >= 0.80). --plot draws
+held-out real source called real >= 0.70, the mean over held-out sources >= 0.80), and the
+size-and-sharpness audit of each held-out source. --plot draws
 each source's accuracy held out beside its accuracy seen in training. --readme EARLIER.json
 prints the README results row's two middle cells (this recipe; an earlier one on the same
 sources), so the numbers there are copied by the program, not by hand:
@@ -75,7 +76,7 @@ def table(runs, in_distribution):
             f"| {r['unseen_vs_other_class_test_auc']:.3f} | {r['other_class_test_accuracy']:.3f} "
             f"| {r['seen_test_accuracy']:.3f} | {'-' if seen is None else f'{seen:.3f}'} |"
         )
-    return "\n".join(lines + targets(runs) + group_table(runs)) + "\n"
+    return "\n".join(lines + targets(runs) + group_table(runs) + shortcut_table(runs)) + "\n"
 
 
 def targets(runs):
@@ -161,6 +162,33 @@ def readme_cells(runs, earlier, earlier_name="data-v2 recipe", earlier_data="dat
     if missing:
         theirs += f"; {', '.join(missing)} not in {earlier_data}"
     return ours, theirs
+
+
+def shortcut_table(runs):
+    """Per held-out source with evaluate.py's size-and-sharpness audit: does the measure alone
+    tell it from the other class's test faces (ROC-AUC as a fake score: above 0.5, larger or
+    sharper reads as fake), and does prob_fake follow it within the held-out source
+    (Spearman)?"""
+    audited = [r for r in reals_first_worst_first(runs) if r.get("size_and_sharpness")]
+    if not audited:
+        return []
+
+    def cells(check, label):
+        if check is None:
+            return "- | -"
+        rho = check["spearman"][label]
+        return f"{check['alone_roc_auc']:.2f} | {'-' if rho is None else f'{rho:+.2f}'}"
+
+    lines = ["", "Does a large or sharp face read as fake when its source was never seen? "
+             "(evaluate.py's audit on the held-out source beside the other class's test faces)",
+             "", "| held-out source | class | face px alone, ROC-AUC as fake score | Spearman "
+             "prob_fake vs face px, held-out source | sharpness alone, ROC-AUC | Spearman "
+             "prob_fake vs sharpness, held-out source |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in audited:
+        a = r["size_and_sharpness"]
+        lines.append(f"| {r['held_out']} | {r['label']} | {cells(a['face_px'], r['label'])} "
+                     f"| {cells(a['sharpness'], r['label'])} |")  # fmt: skip
+    return lines
 
 
 def main(argv=None):

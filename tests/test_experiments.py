@@ -263,6 +263,17 @@ def test_lofo_table_lists_reals_first_worst_first(tmp_path, capsys):
     text = lofo_table.table(runs, {})
     assert "| b | race | White | 30 | 0.600 |" in text and "| b | race | Other | 4 (few) |" in text
     assert "| b | gap, groups of >= 20 | race Black - race White | | 0.300 |" in text
+    # The size-and-sharpness audit, where a result has it: reals first, worst first.
+    check = {"alone_roc_auc": 0.71, "spearman": {"real": 0.456, "fake": None}}
+    runs[2]["size_and_sharpness"] = {"face_px": check, "sharpness": check}
+    runs[0]["size_and_sharpness"] = {"face_px": None, "sharpness": check}
+    text = lofo_table.table(runs, {}).splitlines()
+    audit = text[text.index("|---|---|---|---|---|---|") + 1 :]
+    assert audit == [
+        "| a | real | 0.71 | +0.46 | 0.71 | +0.46 |",
+        "| g | fake | - | - | 0.71 | - |",
+    ]
+    del runs[0]["size_and_sharpness"], runs[2]["size_and_sharpness"]
     # The README row's cells: reals then fakes, worst first; the earlier recipe on the same
     # sources in that order, and the sources it never had.
     earlier = [{**runs[0], "unseen_accuracy": 0.3}, {**runs[2], "unseen_accuracy": 0.4}]

@@ -52,6 +52,13 @@ def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(
         epoch_seconds = [float(e["seconds"]) for e in csv.DictReader(history.splitlines())]
         assert result["train_seconds"] == pytest.approx(sum(epoch_seconds))  # every epoch
         assert result["seconds_to_best"] == pytest.approx(ckpt["train_seconds"])
+        # The shortcut audit: the held-out photos (real) beside the fake test photos.
+        audit = result["size_and_sharpness"]
+        fakes = [r for r in rows if r["label"] == "fake" and r["split"] == "test"]
+        bins = audit["sharpness"]["bins"]
+        assert sum(b["real"]["n"] for b in bins) == len(unseen)
+        assert sum(b["fake"]["n"] for b in bins) == len(fakes)
+        assert audit["face_px"] is not None and 0 <= audit["face_px"]["alone_roc_auc"] <= 1
 
     # A run cut short (no done marker, not yet in --out) continues from its last.pt.
     again = [
@@ -69,6 +76,19 @@ def test_leave_one_real_source_out_scores_the_unseen_photos_as_real(
         str(tmp_path / "runs" / "without-camera" / "last.pt"),
     ]
     assert [r["held_out"] for r in json.loads(out.read_text())["runs"]] == ["camera", "people"]
+
+    # A result recorded before the size-and-sharpness audit gets it from its finished run,
+    # which is loaded, not trained again, and must give the recorded accuracy.
+    older = json.loads(measured)
+    del older["runs"][0]["size_and_sharpness"]
+    out.write_text(json.dumps(older))
+    calls.clear()
+    lofo.main(again)
+    assert calls == [] and json.loads(out.read_text()) == json.loads(measured)
+    older["runs"][0]["unseen_accuracy"] += 0.5
+    out.write_text(json.dumps(older))
+    with pytest.raises(SystemExit, match="recorded"):
+        lofo.main(again)
 
     # A fresh machine (no runs/): the sources already in --out are not trained again...
     out.write_text(measured)
@@ -115,9 +135,8 @@ def test_held_out_labelled_source_gets_who_is_called_fake(monkeypatch, capsys):
     rows += [row("gan", "fake", "test", f"g{i}.png") for i in range(10)]
     rows += [row("lfw", "real", "test", f"l{i}.jpg") for i in range(5)]
     prob = {f"25_1_0_{i}.jpg": 0.9 if i % 2 else 0.1 for i in range(30, 60)}
-    monkeypatch.setattr(
-        lofo, "score", lambda model, rows: np.array([prob.get(r["original"], 0.2) for r in rows])
-    )
+    monkeypatch.setattr(lofo, "score", lambda model, rows: (
+        np.array([prob.get(r["original"], 0.2) for r in rows]), np.zeros(len(rows))))  # fmt: skip
     ckpt = {"threshold": 0.5, "epoch": 1, "unsure_band": [0.3, 0.8]}
     result = lofo.score_held_out(None, ckpt, rows, "utkface", is_fake=False)
     assert result["unseen_accuracy"] == pytest.approx(45 / 60)
