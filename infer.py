@@ -35,8 +35,10 @@ is picked on validation so that the confident calls are right >= 95 % of the tim
 --threshold the band collapses onto that threshold); status is ok. A photo without a face gets one row with
 status no_face and one that cannot be read one row with status unreadable (the reason goes
 to stderr); neither gets a guess. A summary goes to stderr. Exit status 0 when at least one
-file could be read, 2 when a path does not exist, holds no images, no file could be read,
-or the model file is missing or unusable.
+file could be read; 2 when a path does not exist, none of the paths holds an image (an empty
+folder beside a full one is not an error), no file could be read, the model file or the face
+finder's is missing or unusable, an output would overwrite an input, or writing the results
+failed.
 
     python infer.py photos/ --save annotated/ --json predictions.json
 
@@ -71,7 +73,8 @@ from common import (
     to_model_array,
 )
 
-DEFAULT_MODEL = "models/facecheck.onnx"
+# Beside this file, not in the current folder: infer.py run from anywhere finds the shipped model.
+DEFAULT_MODEL = str(Path(__file__).resolve().parent / "models" / "facecheck.onnx")
 
 
 class InferError(Exception):
@@ -84,19 +87,23 @@ def parse_args(argv=None):
     )
     # fmt: off
     p.add_argument("paths", nargs="+", metavar="FOLDER_OR_FILE", help="image files and/or folders (searched recursively)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="a .onnx, .engine/.plan or .pt model (default %(default)s; models/facecheck.int8.onnx is faster on a CPU)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a .onnx, .engine/.plan or .pt model (default models/facecheck.onnx beside infer.py; models/facecheck.int8.onnx is faster on a CPU)")
     p.add_argument("--csv", default="predictions.csv", help='CSV to write (default %(default)s in the current folder; "-" for stdout)')
-    p.add_argument("--batch", type=int, default=32, help="images per model call (default 32)")
+    p.add_argument("--batch", type=int, default=32, help="faces per model call (default 32)")
     p.add_argument("--threshold", type=float, help="predict fake when prob_fake >= this, with no unsure band (default: the model's threshold and band, chosen on validation)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads that decode, find and frame faces (default min(4, CPUs))")
     p.add_argument("--finder", choices=FINDERS, default="mtcnn", help="face finder: mtcnn = the full cascade, faces down to 7%% of the short side (default); auto = blazeface on one-face portraits (~4x faster), mtcnn elsewhere; blazeface = fastest, misses faces under ~1/6 of the photo")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--save", metavar="DIR", help="write a copy of every photo into DIR with each face boxed and labelled (real / fake / unsure and prob_fake); DIR must lie outside the inputs")
-    p.add_argument("--json", metavar="PATH", help="also write the rows and the summary as JSON to PATH")
+    p.add_argument("--json", metavar="PATH", help='also write the rows and the summary as JSON to PATH ("-" for stdout)')
     # fmt: on
     args = p.parse_args(argv)
     if args.batch < 1 or args.workers < 1:
         p.error("--batch and --workers must be >= 1")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        p.error(f"--threshold {args.threshold}: a probability, between 0 and 1")
+    if args.csv == "-" and args.json == "-":
+        p.error("--csv - and --json - both print to stdout: send one of them to a file")
     return args
 
 
@@ -227,12 +234,13 @@ def write_predictions(destination, rows):
         atomic_write(destination, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def summarise(files, rows):
+def summarise(files, rows, class_names):
     faces = [r for r in rows if r["status"] == "ok"]
     count = lambda key, value: sum(r[key] == value for r in rows)  # noqa: E731
+    real, fake = class_names  # the labels label_rows gave, in the model's class names
     return {
-        "images": len(files), "faces": len(faces), "real": sum(r["label"] == "real" for r in faces),
-        "fake": sum(r["label"] == "fake" for r in faces), "unsure": count("label", "unsure"),
+        "images": len(files), "faces": len(faces), "real": sum(r["label"] == real for r in faces),
+        "fake": sum(r["label"] == fake for r in faces), "unsure": count("label", "unsure"),
         "unreadable": count("status", "unreadable"), "no_face": count("status", "no_face"),
     }  # fmt: skip
 
@@ -244,16 +252,24 @@ def write_json(path, rows, summary, meta, threshold, band):
         "model": {k: meta.get(k) for k in ("backend", "precision", "image_size", "faces")},
         "threshold": threshold, "unsure_band": list(band),
         "confident_calls_on_validation": meta.get("confident_calls"),
-        "rows": [{"path": printable(r["path"]), **{k: r.get(k) for k in keys}} for r in rows],
+        # A photo without a face (or unreadable) has face null, as it has no box.
+        "rows": [{"path": printable(r["path"]), **{k: r.get(k) for k in keys},
+                  "face": None if r["face"] == "" else r["face"]} for r in rows],
     }  # fmt: skip
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n"))
+    text = json.dumps(payload, indent=1) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+    else:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def check_destinations(args):
     """Refuse output paths that cannot be written before the work, not after it: a --json
     that fails once every photo is classified would leave the run half-written."""
     files = [("--csv", args.csv)] if args.csv != "-" else []
-    files += [("--json", args.json)] if args.json else []
+    files += [("--json", args.json)] if args.json and args.json != "-" else []
+    if len(files) == 2 and Path(args.csv).resolve() == Path(args.json).resolve():
+        raise InferError(f"--csv and --json both name {args.csv}: name two files")
     folders = [(flag, Path(path).parent) for flag, path in files]
     folders += [("--save", Path(args.save))] if args.save else []
     for flag, path in files:
@@ -278,7 +294,10 @@ def saved_copy_names(files, roots, save_dir):
             raise InferError(f"--save {save_dir} lies inside the input folder {root}: pick another")
     names, taken = {}, set()
     for path, root in zip(files, roots):
-        rel = Path(root.name) / path.relative_to(root) if root.is_dir() else Path(path.name)
+        # root.resolve().name: "." or ".." as the input folder gets its real name, inside SAVE
+        rel = (
+            Path(root.resolve().name) / path.relative_to(root) if root.is_dir() else Path(path.name)
+        )
         jpeg = rel.suffix.lower() in (".jpg", ".jpeg")
         stem, suffix = (rel.stem, rel.suffix) if jpeg else (rel.name, ".jpg")
         target = save_dir / rel.with_name(stem + suffix)
@@ -289,6 +308,23 @@ def saved_copy_names(files, roots, save_dir):
         taken.add(target)
         names[path] = target
     return names
+
+
+def refuse_overwriting_inputs(args, files, roots, names):
+    """Inputs are only read: no output may be an input photo (`--csv *.jpg` would turn the first
+    photo into CSV), and no boxed copy may land on a photo or inside an input folder (a photo
+    named alone and saved into its own folder, a folder saved into its parent)."""
+    inputs = {f.resolve() for f in files}
+    folders = [r.resolve() for r in roots if r.is_dir()]
+    for flag, out in (("--csv", args.csv), ("--json", args.json)):
+        if out and out != "-" and Path(out).resolve() in inputs:
+            raise InferError(f"{flag} {out} is one of the input photos: name another file")
+    for path, copy in (names or {}).items():
+        copy = copy.resolve()
+        if copy in inputs or any(folder in copy.parents for folder in folders):
+            raise InferError(f"--save {args.save}: the boxed copy of {path} would be written to "
+                             f"{copy}, {'an input photo' if copy in inputs else 'inside an input folder'}: "
+                             "pick another folder")  # fmt: skip
 
 
 COLOURS = {"real": (40, 180, 70), "fake": (220, 40, 40), "unsure": (240, 170, 0)}
@@ -342,6 +378,7 @@ def save_annotated(rows, names, class_names, workers):
         rgb, _ = decode(path)
         if rgb is not None:
             im = annotate(rgb, by_path[path], class_names)
+            im.thumbnail((65_500, 65_500))  # JPEG stores sides up to 65,535 px: a panorama too
             atomic_write(names[path], lambda tmp: im.save(tmp, format="JPEG", quality=90))
 
     with ThreadPoolExecutor(workers) as pool:
@@ -357,8 +394,10 @@ def make_detector(meta, finder="mtcnn"):
         return None
     from common import FaceDetector
 
-    # ONNX Runtime's CUDA provider where it has one, else CPU
-    return FaceDetector(device="cuda", finder=finder)
+    try:  # ONNX Runtime's CUDA provider where it has one, else CPU
+        return FaceDetector(device="cuda", finder=finder)
+    except Exception as exc:  # a face finder model missing or corrupt: one line, no traceback
+        raise ModelError(f"face finder: {exc}") from None
 
 
 def classify_all(run, files, meta, args):
@@ -375,7 +414,7 @@ def classify_all(run, files, meta, args):
 
 
 def print_summary(args, summary, meta, threshold, band, images_per_s):
-    wrote = [p for p in (None if args.csv == "-" else args.csv, args.json, args.save) if p]
+    wrote = [p for p in (args.csv, args.json, args.save) if p and p != "-"]
     print(f"{summary['images']} images, {summary['faces']} faces: {summary['real']} real, "
           f"{summary['fake']} fake, {summary['unsure']} unsure (prob_fake {band[0]:.3f}-{band[1]:.3f}); "
           f"{summary['no_face']} without a face, {summary['unreadable']} unreadable. "
@@ -390,6 +429,7 @@ def main(argv=None):
         check_destinations(args)
         files, roots = collect_files(args.paths)
         names = saved_copy_names(files, roots, args.save) if args.save else None
+        refuse_overwriting_inputs(args, files, roots, names)
         if args.model == DEFAULT_MODEL and not Path(args.model).is_file():
             raise InferError(f"model {args.model} not found (make it with: python export.py "
                              "--checkpoint runs/<run>/best.pt)")  # fmt: skip
@@ -408,7 +448,7 @@ def main(argv=None):
         print(f"error: none of the {len(files)} files could be read as an image", file=sys.stderr)
         return 2
     label_rows(rows, threshold, band, meta["class_names"])
-    summary = summarise(files, rows)
+    summary = summarise(files, rows, meta["class_names"])
     summary["faces_found_by"] = args.finder if meta.get("faces") == "mtcnn" else "whole image"
     try:
         write_predictions(args.csv, rows)

@@ -249,9 +249,65 @@ def test_bad_model_files_exit_2(folder, tmp_path, capsys, monkeypatch):
     for model, message in cases:
         rc, _, err = run([folder / "wide.jpg", "--model", model], capsys)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err
-    monkeypatch.chdir(tmp_path)  # no models/facecheck.onnx here: the default model is missing
+    # The default model is the one beside infer.py, whatever the current folder...
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run([folder / "wide.jpg", "--csv", tmp_path / "p.csv", "--quiet"], capsys)
+    assert rc == 0 and (tmp_path / "p.csv").is_file(), err
+    # ...and where it is missing, the message says how to make it.
+    monkeypatch.setattr(infer, "DEFAULT_MODEL", str(tmp_path / "models" / "facecheck.onnx"))
     rc, _, err = run([folder / "wide.jpg"], capsys)
-    assert rc == 2 and "export.py" in err
+    assert rc == 2 and "export.py" in err and len(err.strip().splitlines()) == 1
+    # A face finder model missing (or corrupt): one line too, not a traceback.
+    import common
+
+    def missing(path, *args, **kwargs):
+        raise FileNotFoundError(f"{path} is missing: run `python export.py --detector`")
+
+    monkeypatch.setattr(common, "_session", missing)
+    shipped = ROOT / "models" / "facecheck.onnx"
+    rc, _, err = run([folder / "wide.jpg", "--model", shipped, "--csv", tmp_path / "p.csv"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "face finder" in err, err
+
+
+def test_outputs_never_overwrite_the_inputs(tmp_path, capsys, monkeypatch):
+    """Inputs are only read: an output that is an input photo, or a boxed copy that would land
+    on one or inside an input folder, is refused before any work, the photos untouched."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        synthetic_image("real", 0).save(photos / name)
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    synthetic_image("real", 1).save(pngs / "c.png")
+    before = {f: f.read_bytes() for f in photos.iterdir()}
+    a, b, missing_model = photos / "a.jpg", photos / "b.jpg", tmp_path / "none.onnx"
+    cases = [
+        (["--csv", a, a, b], "is one of the input photos"),  # infer.py --csv *.jpg
+        ([a, b, "--json", b], "is one of the input photos"),
+        ([a, "--save", photos], "an input photo"),  # a photo named alone, saved beside itself
+        ([photos, "--save", tmp_path], "an input photo"),  # a folder saved into its parent
+        ([pngs, "--save", tmp_path], "inside an input folder"),  # c.png.jpg beside c.png
+        ([a, "--csv", tmp_path / "x.out", "--json", tmp_path / "x.out"], "name two files"),
+    ]
+    for args, message in cases:
+        rc, _, err = run([*args, "--model", missing_model], capsys)
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert {f: f.read_bytes() for f in photos.iterdir()} == before
+    assert [f.name for f in pngs.iterdir()] == ["c.png"]
+    # "." as the input folder: its copies go under its real name inside --save.
+    monkeypatch.chdir(photos)
+    names = infer.saved_copy_names([Path("a.jpg")], [Path(".")], tmp_path / "boxed")
+    assert names[Path("a.jpg")] == (tmp_path / "boxed" / "photos" / "a.jpg").resolve()
+    for bad in (["--threshold", "70"], ["--csv", "-", "--json", "-"]):
+        with pytest.raises(SystemExit):
+            infer.parse_args(["x.jpg", *bad])
+
+
+def test_summary_counts_the_models_own_class_names():
+    rows = [{"status": "ok", "label": "human"}, {"status": "ok", "label": "ai"},
+            {"status": "ok", "label": "unsure"}, {"status": "no_face", "label": ""}]  # fmt: skip
+    summary = infer.summarise(["p1", "p2"], rows, ["human", "ai"])
+    assert (summary["real"], summary["fake"], summary["unsure"], summary["no_face"]) == (1, 1, 1, 1)
 
 
 def test_pickle_payload_checkpoint_is_refused(folder, tmp_path, capsys):
@@ -296,6 +352,9 @@ def test_unsure_band_saved_copies_and_json(folder, models, tmp_path, capsys):
     payload = json.loads(js.read_text())
     assert payload["summary"]["unsure"] == len(AWKWARD) and len(payload["rows"]) == len(rows)
     assert payload["unsure_band"] == [0.0, 1.01]
+    assert all((r["face"] is None) == (r["status"] != "ok") for r in payload["rows"])
+    rc, printed, _ = run([folder, "--model", wide, "--csv", out, "--json", "-", "--quiet"], capsys)
+    assert rc == 0 and json.loads(printed)["rows"] == payload["rows"]  # --json - is stdout
     copies = sorted(saved.rglob("*.jpg"))
     assert len(copies) == len(AWKWARD)
     # photo.jpg is saved as photo.jpg (issue 32), photo.png as photo.png.jpg
