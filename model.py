@@ -232,6 +232,26 @@ class CheckpointError(Exception):
     """A file that is not a usable facecheck checkpoint; str(exc) is a one-line reason."""
 
 
+CHECKPOINT_VERSION = 1  # train.py's "version"; a file without one is from before it: 1
+
+
+def checkpoint_problem(ckpt, model):
+    """Why the checkpoint's own fields (beside the weights) cannot be used, or None: every
+    script reads the input size and the threshold from here, so a bad value must stop here,
+    not as a traceback in export.py or an ONNX file with the wrong input size."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    size = ckpt.get("image_size")
+    if not isinstance(size, int) or size != model.config["image_size"]:
+        return f"image_size {size!r} is not the model config's {model.config['image_size']}"
+    threshold = ckpt.get("threshold")
+    if not number(threshold) or not 0 <= threshold <= 1:
+        return f"threshold {threshold!r} is not a probability"
+    band = ckpt.get("unsure_band")
+    if band is not None and not (len(band) == 2 and all(map(number, band)) and band[0] <= band[1]):
+        return f"unsure_band {band!r} is not two numbers, low <= high"
+    return None
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a facecheck checkpoint safely (weights_only: a pickle payload is refused, never
     run) and rebuild the model from the config stored inside it. Returns (model, checkpoint)."""
@@ -252,6 +272,11 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(
             f"{path}: not a facecheck checkpoint (no 'format': 'facecheck' entry)"
         )
+    version = ckpt.get("version", CHECKPOINT_VERSION)
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r}; this code reads {CHECKPOINT_VERSION}"
+        )
     try:
         model = FaceCheckNet(ckpt["config"])
         model.load_state_dict(ckpt["model"])
@@ -261,6 +286,8 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(
             f"{path}: weights do not fit the stored model config ({detail})"
         ) from None
+    if problem := checkpoint_problem(ckpt, model):
+        raise CheckpointError(f"{path}: {problem}")
     model.eval()
     return model, ckpt
 

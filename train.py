@@ -53,6 +53,7 @@ from common import (
     to_model_input,
 )
 from model import (
+    CHECKPOINT_VERSION,
     DEFAULT_CONFIG,
     CheckpointError,
     FaceCheckNet,
@@ -303,7 +304,7 @@ def run_facts(args, data, config, model, device, world, amp):
         where["threads"] = torch.get_num_threads()
     return {
         "format": "facecheck",
-        "version": 1,
+        "version": CHECKPOINT_VERSION,
         "config": {
             **config,
             "widths": list(config["widths"]),

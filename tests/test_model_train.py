@@ -169,6 +169,22 @@ def test_bad_checkpoints_are_refused(tmp_path, tiny_runs):
     torch.save(ckpt, tmp_path / "wrong-shape.pt")
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(tmp_path / "wrong-shape.pt")
+    # The fields every script reads beside the weights: one line each, not a KeyError later.
+    bad_fields = [({"version": 99}, "version 99"), ({"image_size": 160}, "image_size 160"),
+                  ({"image_size": None}, "image_size None"), ({"threshold": None}, "threshold"),
+                  ({"threshold": 1.5}, "threshold 1.5"), ({"unsure_band": [0.9, 0.1]}, "unsure_band"),
+                  ({"unsure_band": [0.1]}, "unsure_band")]  # fmt: skip
+    for change, message in bad_fields:
+        bad = {**torch.load(tiny_runs["off"] / "best.pt", weights_only=True), **change}
+        torch.save(bad, tmp_path / "bad-field.pt")
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(tmp_path / "bad-field.pt")
+    for missing in ("threshold", "image_size"):
+        bad = torch.load(tiny_runs["off"] / "best.pt", weights_only=True)
+        del bad[missing]
+        torch.save(bad, tmp_path / "bad-field.pt")
+        with pytest.raises(CheckpointError, match=missing):
+            load_checkpoint(tmp_path / "bad-field.pt")
     (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint at all")
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "garbage.pt")
