@@ -47,6 +47,18 @@ from demographics import MIN_GROUP, called_real_by_group
 from model import CheckpointError, load_checkpoint, predict
 
 
+def at_least(low):
+    """argparse type: an int >= low (a batch of 0 would fail only after the split has loaded)."""
+
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not >= {low}")
+        return value
+
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,7 +95,7 @@ def parse_args(argv=None):
         help="default auto: CUDA if present",
     )
     p.add_argument(
-        "--batch-size", type=int, default=256, help="images per forward pass (default 256)"
+        "--batch-size", type=at_least(1), default=256, help="images per forward pass (default 256)"
     )
     p.add_argument(
         "--robustness",
@@ -101,10 +113,10 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--heatmaps",
-        type=int,
+        type=at_least(0),
         default=0,
         metavar="N",
-        help="grid of N images with attention and Grad-CAM overlays (default 0 = none)",
+        help="grid of N images with Grad-CAM (and attention) overlays (default 0 = none)",
     )
     return p.parse_args(argv)
 

@@ -25,8 +25,9 @@ PyTorch to 1e-4 in probability. Nodes of the attention block are named attention
 that precision rules (FP16 ONNX, INT8 exclusions, TensorRT constraints) can find them.
 
 TensorRT on a Jetson with trtexec (S = 128, batch profile 1..64; a .engine only runs on the GPU
-and TensorRT version that built it, so build it there). Every ONNX file is saved at IR 8, the
-lowest opset 17 allows, so that TensorRT 8.5/8.6 and ONNX Runtime <= 1.17 read it.
+and TensorRT version that built it, so build it there). Every ONNX file is saved at the lowest IR
+version its opset allows: IR 8 at the default opset 17, so that TensorRT 8.5/8.6 and ONNX
+Runtime <= 1.17 read it (a higher --opset raises it).
   shapes="--minShapes=input:1x3x128x128 --optShapes=input:32x3x128x128 --maxShapes=input:64x3x128x128"
   FP32:   trtexec --onnx=models/facecheck.onnx --saveEngine=models/facecheck.engine $shapes
   FP16, TensorRT 8.5 / 8.6 / 10.0-10.11 (builder flag; attention pinned to FP32 by layer name, as
@@ -781,7 +782,7 @@ def export_detector(out_dir):
     save_checked(proto, out_dir / "integral.onnx", exact)
     dist = importlib.metadata.distribution("facenet-pytorch")
     licence = next(f for f in dist.files if f.name.upper().startswith("LICENSE"))
-    shutil.copyfile(dist.locate_file(licence), out_dir / "LICENSE")
+    atomic_write(out_dir / "LICENSE", lambda tmp: shutil.copyfile(dist.locate_file(licence), tmp))
     return [out_dir / f"{n}.onnx" for n in ("pnet", "rnet", "onet", "integral")]
 
 

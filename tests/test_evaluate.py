@@ -484,3 +484,11 @@ def test_a_gap_between_sources_is_not_read_as_one_between_groups():
     d = demographics.called_real_by_group(rows, prob, 0.5)
     assert d["gap"]["gap"] == pytest.approx(0.5) and d["gap"]["worst"] == "age 60+"
     assert d["gap"]["by_chance"]["p"] > 0.2
+
+
+def test_counts_below_their_least_are_refused_before_any_work(capsys):
+    for bad in (["--batch-size", "0"], ["--heatmaps", "-1"]):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(bad)
+        assert "is not >=" in capsys.readouterr().err
+    assert evaluate.parse_args(["--heatmaps", "0", "--batch-size", "1"]).batch_size == 1
