@@ -46,11 +46,11 @@ from train import parse_args as train_defaults  # noqa: E402
 from train import saved_train_args  # noqa: E402
 
 
-def score(model, rows):
-    """prob_fake and sharpness (evaluate.sharpness) of each row's model view."""
+def score(model, rows, with_sharpness=False):
+    """prob_fake of each row's model view; with_sharpness: also its sharpness (evaluate.py's)."""
     images = load_rows(rows)
-    prob, _ = predict(model, images, torch.device("cpu"))
-    return prob.numpy(), sharpness(images)
+    prob = predict(model, images, torch.device("cpu"))[0].numpy()
+    return (prob, sharpness(images)) if with_sharpness else prob
 
 
 def parse_args(argv=None):
@@ -167,10 +167,10 @@ def train_without(subset, run, recipe, train_args=()):
 def score_held_out(model, ckpt, rows, held_out, is_fake):
     """Every image of the held-out source (all unseen) against the other class's test images."""
     unseen = [r for r in rows if r["source"] == held_out]
-    prob_unseen, sharp_unseen = score(model, unseen)
+    prob_unseen, sharp_unseen = score(model, unseen, with_sharpness=True)
     # The other class's test images are part of the seen test split: decode and score once.
     seen_test = [r for r in rows if r["split"] == "test" and r["source"] != held_out]
-    prob_seen, sharp_seen = score(model, seen_test)
+    prob_seen, sharp_seen = score(model, seen_test, with_sharpness=True)
     labels_seen = np.array([r["label"] == "fake" for r in seen_test])
     other = labels_seen != is_fake
     prob_other = prob_seen[other]

@@ -135,7 +135,7 @@ def test_held_out_labelled_source_gets_who_is_called_fake(monkeypatch, capsys):
     rows += [row("gan", "fake", "test", f"g{i}.png") for i in range(10)]
     rows += [row("lfw", "real", "test", f"l{i}.jpg") for i in range(5)]
     prob = {f"25_1_0_{i}.jpg": 0.9 if i % 2 else 0.1 for i in range(30, 60)}
-    monkeypatch.setattr(lofo, "score", lambda model, rows: (
+    monkeypatch.setattr(lofo, "score", lambda model, rows, with_sharpness: (
         np.array([prob.get(r["original"], 0.2) for r in rows]), np.zeros(len(rows))))  # fmt: skip
     ckpt = {"threshold": 0.5, "epoch": 1, "unsure_band": [0.3, 0.8]}
     result = lofo.score_held_out(None, ckpt, rows, "utkface", is_fake=False)
