@@ -47,18 +47,6 @@ from demographics import MIN_GROUP, called_real_by_group
 from model import CheckpointError, load_checkpoint, predict
 
 
-def at_least(low):
-    """argparse type: an int >= low (a batch of 0 would fail only after the split has loaded)."""
-
-    def parse(text):
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is not >= {low}")
-        return value
-
-    return parse
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,7 +83,7 @@ def parse_args(argv=None):
         help="default auto: CUDA if present",
     )
     p.add_argument(
-        "--batch-size", type=at_least(1), default=256, help="images per forward pass (default 256)"
+        "--batch-size", type=int, default=256, help="images per forward pass (default 256)"
     )
     p.add_argument(
         "--robustness",
@@ -113,12 +101,19 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--heatmaps",
-        type=at_least(0),
+        type=int,
         default=0,
         metavar="N",
         help="grid of N images with Grad-CAM (and attention) overlays (default 0 = none)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Checked here, as export.py and infer.py do: a batch of 0 would fail only after the split
+    # has loaded.
+    if args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size} is not >= 1")
+    if args.heatmaps < 0:
+        p.error(f"--heatmaps {args.heatmaps} is not >= 0")
+    return args
 
 
 # ---------------------------------------------------------------- metrics

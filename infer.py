@@ -289,9 +289,6 @@ def saved_copy_names(files, roots, save_dir):
     becomes photo.png.jpg. Never an input file, never inside an input folder (the next run
     would classify the copies)."""
     save_dir = Path(save_dir).resolve()
-    for root in roots:
-        if root.is_dir() and (save_dir == root.resolve() or root.resolve() in save_dir.parents):
-            raise InferError(f"--save {save_dir} lies inside the input folder {root}: pick another")
     names, taken = {}, set()
     for path, root in zip(files, roots):
         # root.resolve().name: "." or ".." as the input folder gets its real name, inside SAVE
@@ -321,10 +318,11 @@ def refuse_overwriting_inputs(args, files, roots, names):
             raise InferError(f"{flag} {out} is one of the input photos: name another file")
     for path, copy in (names or {}).items():
         copy = copy.resolve()
-        if copy in inputs or any(folder in copy.parents for folder in folders):
+        inside = next((folder for folder in folders if folder in copy.parents), None)
+        if copy in inputs or inside:
+            where = "an input photo" if copy in inputs else f"inside the input folder {inside}"
             raise InferError(f"--save {args.save}: the boxed copy of {path} would be written to "
-                             f"{copy}, {'an input photo' if copy in inputs else 'inside an input folder'}: "
-                             "pick another folder")  # fmt: skip
+                             f"{copy}, {where}: pick another folder")  # fmt: skip
 
 
 COLOURS = {"real": (40, 180, 70), "fake": (220, 40, 40), "unsure": (240, 170, 0)}

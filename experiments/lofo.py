@@ -157,6 +157,11 @@ def train_without(subset, run, recipe, train_args=()):
             cmd += train_args
         subprocess.run(cmd, check=True, cwd=ROOT)
         (run / "done").touch()
+    return finished_run(run, recipe)
+
+
+def finished_run(run, recipe):
+    """The run's best checkpoint, refused if it was trained otherwise than recipe."""
     model, ckpt = load_checkpoint(run / "best.pt")
     trained = {k: saved_train_args(ckpt).get(k) for k in recipe}
     if trained != recipe:
@@ -175,16 +180,14 @@ def score_held_out(model, ckpt, rows, held_out, is_fake):
     other = labels_seen != is_fake
     prob_other = prob_seen[other]
     t = ckpt["threshold"]
-    # The shortcut audit on the unseen source beside the other class's test faces: does a
-    # large or sharp face read as fake when its source was never seen?
+    # The unseen source beside the other class's test faces (1 = fake): its ROC-AUC, and the
+    # shortcut audit there (does a large or sharp face read as fake when its source is new?).
     pool = unseen + [r for r, o in zip(seen_test, other) if o]
     pool_labels = np.r_[np.full(len(unseen), int(is_fake)), np.full(other.sum(), int(not is_fake))]
+    pool_prob = np.r_[prob_unseen, prob_other]
+    auc = roc_auc_score(pool_labels, pool_prob)
     audit = size_and_sharpness(pool, np.r_[sharp_unseen, sharp_seen[other]], pool_labels,
-                               np.r_[prob_unseen, prob_other], t)  # fmt: skip
-    auc = roc_auc_score(
-        np.r_[np.full(len(unseen), is_fake), np.full(len(prob_other), not is_fake)],
-        np.r_[prob_unseen, prob_other],
-    )
+                               pool_prob, t)  # fmt: skip
     return {
         "held_out": held_out,
         "label": "fake" if is_fake else "real",
@@ -257,7 +260,7 @@ def hold_out(data, rows, held_out, label_of, recipe, args):
 def add_audit(result, run, rows, recipe):
     """A result recorded before the size-and-sharpness audit existed gets it from its run's
     best.pt, where that run is still on this machine; the accuracy must come out as recorded."""
-    model, ckpt = train_without(None, run, recipe)  # finished: only loaded and checked
+    model, ckpt = finished_run(run, recipe)
     again = score_held_out(model, ckpt, rows, result["held_out"], result["label"] == "fake")
     if not np.isclose(again["unseen_accuracy"], result["unseen_accuracy"]):
         sys.exit(f"error: {run}/best.pt gives {again['unseen_accuracy']:.4f} on "

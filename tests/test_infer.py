@@ -286,7 +286,7 @@ def test_outputs_never_overwrite_the_inputs(tmp_path, capsys, monkeypatch):
         ([a, b, "--json", b], "is one of the input photos"),
         ([a, "--save", photos], "an input photo"),  # a photo named alone, saved beside itself
         ([photos, "--save", tmp_path], "an input photo"),  # a folder saved into its parent
-        ([pngs, "--save", tmp_path], "inside an input folder"),  # c.png.jpg beside c.png
+        ([pngs, "--save", tmp_path], "inside the input folder"),  # c.png.jpg beside c.png
         ([a, "--csv", tmp_path / "x.out", "--json", tmp_path / "x.out"], "name two files"),
     ]
     for args, message in cases:
