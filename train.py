@@ -101,6 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--rotate", type=float, default=0.0, help="random rotation up to this many degrees (default 0: off)")
     p.add_argument("--colour", type=float, default=0.0, help="colour jitter strength, brightness/contrast/saturation (default 0: off)")
     p.add_argument("--mask-p", type=float, default=0.0, help="probability of blanking a random patch (default 0)")
+    p.add_argument("--noise-p", type=float, default=0.0, help="probability of Gaussian pixel noise (default 0)")
+    p.add_argument("--double-jpeg-p", type=float, default=0.0, help="probability of a first JPEG before the crop (default 0)")
+    p.add_argument("--kernel-p", type=float, default=0.0, help="probability of rescaling with a random kernel (default 0)")
     p.add_argument("--residual-blocks", type=int, default=0, help="residual blocks per stage; 0 = the plain stages (default 0)")
     p.add_argument("--stem-stride", type=int, choices=[2, 4], default=2, help="first conv's stride: 4 runs 256 px data at 128 px cost (default 2)")
     p.add_argument("--attention-stage", type=int, choices=[1, 2], default=2, help="the attention layer after stage 2 or (finer, dearer) stage 1 (default 2)")
@@ -419,6 +422,9 @@ def build_loader(args, data, rank, world, device):
             rotate=args.rotate,
             colour=args.colour,
             mask_p=args.mask_p,
+            noise_p=args.noise_p,
+            double_jpeg_p=args.double_jpeg_p,
+            kernel_p=args.kernel_p,
         ),  # fmt: skip
     )
     if args.sampler == "source-balanced":
@@ -589,6 +595,7 @@ class EarlyStopping:
 def train_transform(
     size, degrade_p, jpeg_p, min_crop, rescale_p=0.0, min_scale=0.35, *,
     native_sides=None, native_p=0.0, rotate=0.0, colour=0.0, mask_p=0.0,
+    noise_p=0.0, double_jpeg_p=0.0, kernel_p=0.0,
 ):  # fmt: skip
     """Augmentation for both classes alike, on the stored crops: a random square of
     min_crop..1 of the stored area (the face framed between ~0.8x and 1.25x of the model's
@@ -599,7 +606,10 @@ def train_transform(
     native_p, every face at a resolution drawn from native_sides (the real training faces'
     own), so sharpness cannot tell the classes; rotate (degrees), colour (jitter strength) and
     mask_p (a random patch blanked, as SAFE, Li et al. KDD 2025) hide a source's framing,
-    colour grading and any one local cue."""
+    colour grading and any one local cue; noise_p (sensor-like noise), double_jpeg_p (a first
+    JPEG on the stored grid, which the crop then shifts against the last one) and kernel_p (down
+    and up with nearest, bilinear or bicubic) hide a source's own noise, codec history and
+    resampling traces, so the traces a generator leaves must carry the call."""
     down_up = v2.Compose(
         [
             v2.RandomResize(round(min_scale * size), size + 1, antialias=True),
@@ -607,12 +617,27 @@ def train_transform(
         ]
     )
     steps = [v2.RandomHorizontalFlip()]
+    if double_jpeg_p > 0:
+        steps.append(v2.RandomApply([v2.JPEG(quality=(60, 95))], p=double_jpeg_p))
     if native_p > 0:
         steps.append(v2.RandomApply([NativeResolution(native_sides)], p=native_p))
     steps += [
         v2.RandomResizedCrop(size, scale=(min_crop, 1.0), ratio=(0.9, 1.1), antialias=True),
         v2.RandomApply([down_up], p=rescale_p),
     ]
+    if kernel_p > 0:
+        kernels = [v2.InterpolationMode.NEAREST, v2.InterpolationMode.BILINEAR]
+        kernels.append(v2.InterpolationMode.BICUBIC)
+        rescales = [
+            v2.Compose(
+                [
+                    v2.RandomResize(round(min_scale * size), size + 1, interpolation=kernel),
+                    v2.Resize(size, interpolation=kernel),
+                ]
+            )
+            for kernel in kernels
+        ]
+        steps.append(v2.RandomApply([v2.RandomChoice(rescales)], p=kernel_p))
     if rotate > 0:
         steps.append(v2.RandomRotation(rotate))
     if colour > 0:
@@ -620,6 +645,8 @@ def train_transform(
     steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.2, 1.2))], p=degrade_p))
     if mask_p > 0:
         steps.append(v2.RandomErasing(mask_p, scale=(0.02, 0.15), value=0))
+    if noise_p > 0:
+        steps.append(v2.RandomApply([PixelNoise()], p=noise_p))
     steps.append(v2.RandomApply([v2.JPEG(quality=(60, 95))], p=jpeg_p))
     return v2.Compose(steps)
 
@@ -641,6 +668,16 @@ class NativeResolution(torch.nn.Module):
             return image
         small = v2.functional.resize(image, [drawn, drawn], antialias=True)
         return v2.functional.resize(small, [side, side], antialias=True)
+
+
+class PixelNoise(torch.nn.Module):
+    """Gaussian noise of a standard deviation drawn from 1-6 grey levels on a uint8 image.
+    Hand-written: v2.GaussianNoise takes float images and one fixed sigma."""
+
+    def forward(self, image):
+        sigma = 1.0 + 5.0 * torch.rand(())
+        noisy = image.float() + sigma * torch.randn(image.shape)
+        return noisy.round().clamp(0, 255).to(torch.uint8)
 
 
 class AugmentedImages(Dataset):
@@ -697,7 +734,8 @@ def saved_train_args(ckpt):
     args.setdefault("attention_stage", 2)  # the one place before --attention-stage
     # Runs from before the data-v3 recipe options trained without them.
     for key, off in (("native_p", 0.0), ("no_highpass", False), ("rotate", 0.0),
-                     ("colour", 0.0), ("mask_p", 0.0), ("residual_blocks", 0)):  # fmt: skip
+                     ("colour", 0.0), ("mask_p", 0.0), ("residual_blocks", 0),
+                     ("noise_p", 0.0), ("double_jpeg_p", 0.0), ("kernel_p", 0.0)):  # fmt: skip
         args.setdefault(key, off)
     return args
 

@@ -116,6 +116,7 @@ def wanted_recipe(args):
     defaults, plain = vars(train_defaults(args.train_args)), vars(train_defaults([]))
     keys = ("degrade_p", "jpeg_p", "min_crop", "rescale_p", "width", "loss")
     keys += ("native_p", "no_highpass", "rotate", "colour", "mask_p", "residual_blocks")
+    keys += ("noise_p", "double_jpeg_p", "kernel_p")
     wanted = {k: defaults[k] for k in keys}
     wanted |= {k: v for k, v in defaults.items() if v != plain[k]}  # every flag after --
     patience = defaults["patience"] if args.patience is None else args.patience

@@ -461,14 +461,28 @@ def test_new_augmentations_off_leave_the_draws_as_before():
     ]  # fmt: skip
     everything = train.train_transform(
         64, 0.5, 0.5, 0.5, 0.5, native_sides=[20, 40], native_p=1.0, rotate=10, colour=0.2,
-        mask_p=0.5,
+        mask_p=0.5, noise_p=0.5, double_jpeg_p=0.5, kernel_p=0.5,
     )  # fmt: skip
     names = [type(t).__name__ for t in everything.transforms]
     assert {"RandomRotation", "ColorJitter", "RandomErasing"} <= set(names)
+    applied = [t for t in everything.transforms if type(t).__name__ == "RandomApply"]
+    inner = [type(t.transforms[0]).__name__ for t in applied]
+    assert {"PixelNoise", "RandomChoice"} <= set(inner) and inner.count("JPEG") == 2
     assert names[-1] == "RandomApply" and everything.transforms[-1].p == 0.5  # JPEG stays last
     torch.manual_seed(1)
     out = everything(image)
     assert out.shape == image.shape and out.dtype == torch.uint8
+
+
+def test_pixel_noise_stays_uint8_and_adds_a_few_grey_levels():
+    grey = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+    torch.manual_seed(0)
+    noisy = train.PixelNoise()(grey)
+    assert noisy.dtype == torch.uint8 and noisy.shape == grey.shape
+    spread = (noisy.float() - 128).std()
+    assert 0.8 < spread < 6.5  # sigma is drawn from 1-6 grey levels
+    white = train.PixelNoise()(torch.full((3, 8, 8), 255, dtype=torch.uint8))
+    assert white.max() == 255  # clamped, not wrapped round to black
 
 
 def test_residual_blocks_change_the_model_and_old_checkpoints_still_load():
