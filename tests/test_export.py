@@ -140,7 +140,7 @@ def test_fp16_keeps_attention_in_fp32(exported, tmp_path):
     assert convs and all(types[n.input[1]] == TensorProto.FLOAT16 for n in convs)
     assert all(types[v.name] == TensorProto.FLOAT for v in [*fp16.graph.input, *fp16.graph.output])
     export.save_checked(fp16, tmp_path / "m.fp16.onnx")
-    assert export.probability_gap(ort(tmp_path / "m.fp16.onnx"), model, SIZE) < 5e-3
+    assert export.output_gaps(ort(tmp_path / "m.fp16.onnx"), model, SIZE)[0] < 5e-3
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -176,7 +176,8 @@ def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs, prepared):
     rc, out, stdout = cli_run
     assert rc == 0 and "max |prob difference|" in stdout and "val accuracy fp32" in stdout
     model, _ = load_checkpoint(tiny_runs["on"] / "best.pt")
-    assert export.probability_gap(ort(out), model, SIZE) <= export.PARITY_TOLERANCE
+    prob_gap, logit_gap = export.output_gaps(ort(out), model, SIZE)
+    assert prob_gap <= export.PARITY_TOLERANCE and logit_gap <= export.LOGIT_TOLERANCE
     assert props(out)["attention"] == "true"
 
     int8 = out.with_suffix(".int8.onnx")
@@ -188,7 +189,7 @@ def test_cli_checkpoint_fp16_and_int8(cli_run, tiny_runs, prepared):
         if export.is_attention(node) and node.op_type in ("MatMul", "Softmax"):
             assert not dequantized & set(node.input)
     # INT8 ranges are calibrated on the data's images, so judge it on them: random noise (what
-    # probability_gap feeds) lies outside those ranges and says little about a quantised model.
+    # output_gaps feeds) lies outside those ranges and says little about a quantised model.
     images, labels, _ = load_split(prepared, "val")
     expected, _ = predict(model, images, torch.device("cpu"))
     _, prob = export.accuracy(ort(int8), images, labels.numpy(), 0.5)
@@ -289,7 +290,45 @@ def test_nan_outputs_never_pass_the_parity_check():
             n = len(feed["input"])
             return np.zeros((n, 2), np.float32), np.full(n, np.nan, np.float32)
 
-    assert export.probability_gap(NaNSession(), random_model(False), SIZE) == float("inf")
+    assert export.output_gaps(NaNSession(), random_model(False), SIZE)[0] == float("inf")
+
+
+def test_parity_checks_logits_not_only_probabilities(tmp_path, monkeypatch):
+    """Both logits one higher leave every probability the same: a check on prob_fake alone
+    passes such a model; the logit check must refuse it, and nothing is written."""
+    model = random_model(False)
+
+    class Shifted:  # the ONNX model with a constant added to both logits
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feed):
+            logits, prob = self.session.run(None, feed)
+            return logits + 1.0, prob
+
+    export.export_onnx(model, tmp_path / "ok.onnx", metadata(False))  # unshifted: it passes
+    prob_gap, logit_gap = export.output_gaps(Shifted(ort(tmp_path / "ok.onnx")), model, SIZE)
+    assert prob_gap <= export.PARITY_TOLERANCE and logit_gap == pytest.approx(1.0, abs=1e-3)
+    real_session = export.ort_session
+    monkeypatch.setattr(export, "ort_session", lambda path: Shifted(real_session(path)))
+    with pytest.raises(export.ExportError, match="in logits"):
+        export.export_onnx(model, tmp_path / "m.onnx", metadata(False))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_model_losing_too_much_accuracy_is_not_written(cli_run, tiny_runs, prepared, tmp_path):
+    """An INT8 model is written only within --int8-max-drop points of FP32's val accuracy; a
+    limit no model can meet (it would have to gain 100 points) writes neither INT8 file."""
+    _, out, _ = cli_run
+    copy = tmp_path / out.name
+    copy.write_bytes(out.read_bytes())
+    _, ckpt = load_checkpoint(tiny_runs["on"] / "best.pt")
+    with pytest.raises(export.ExportError, match="points lost"):
+        export.write_int8(copy, ckpt, prepared, 64, max_drop=-100.0)
+    assert not any(".int8" in p.name for p in tmp_path.iterdir())
+    report = json.loads(out.with_suffix(".int8.json").read_text())  # the passing CLI run's
+    assert report["max_accuracy_drop_points"] == export.INT8_MAX_DROP
+    assert set(report["facecheck.int8.onnx"]) == {"val_accuracy", "max_prob_difference"}
 
 
 def test_int8_help_names_every_file_it_writes(cli_run, capsys):
@@ -316,7 +355,7 @@ def test_fp16_from_onnx_needs_no_checkpoint(cli_run, tmp_path, capsys):
     fp16 = copy.with_suffix(".fp16.onnx")
     assert fp16.read_bytes() == out.with_suffix(".fp16.onnx").read_bytes()
     assert props(fp16)["precision"] == "fp16"
-    assert export.probability_gap(ort(fp16), ort(copy), SIZE) <= export.FP16_TOLERANCE
+    assert export.output_gaps(ort(fp16), ort(copy), SIZE)[0] <= export.FP16_TOLERANCE
 
 
 @pytest.mark.parametrize("args", [["--from-onnx"], ["--from-onnx", "--int8"]])

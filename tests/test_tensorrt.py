@@ -301,7 +301,8 @@ def test_engine_interface_is_checked_when_loaded(
 
 
 @pytest.mark.parametrize("args", [["--max-batch", "0"], ["--max-batch", "-3"], ["--max-batch", "100000"],
-                                  ["--calib-count", "0"], ["--tensorrt", "--engine", "m.onnx"],
+                                  ["--calib-count", "0"], ["--int8-max-drop", "-1"],
+                                  ["--int8-max-drop", "nan"], ["--tensorrt", "--engine", "m.onnx"],
                                   ["--engine", "m.engine"]])  # fmt: skip
 def test_engine_flags_are_validated(args, capsys):
     with pytest.raises(SystemExit) as exc:
