@@ -15,6 +15,7 @@ over the unseen images, and the demographic gap among unseen labelled real faces
 
 Runs go to runs/yardstick/<name>/; results to results/yardstick/<name>.json after each fold
 (a cut call resumes: a finished fold is not trained again, a cut one resumes from last.pt).
+The two folds can run side by side, one call each with --folds a / --folds b.
 """
 
 import argparse
@@ -205,7 +206,11 @@ def ort_milliseconds(model, runs=200):
 
 
 def save(path, result):
-    """After every fold: a cut call keeps what it measured."""
+    """After every fold: a cut call keeps what it measured. Folds recorded meanwhile by another
+    call (`--folds a` and `--folds b` run side by side) are kept, not overwritten."""
+    if path.is_file():
+        recorded = json.loads(path.read_text())["folds"]
+        result["folds"] = recorded | result["folds"]
     text = json.dumps(result, indent=2) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

@@ -63,3 +63,18 @@ def test_two_folds_score_the_unseen_half_and_resume_from_the_record(
         assert "other flags" in str(exc)
     else:
         raise AssertionError("a changed recipe under the same name was accepted")
+
+
+def test_folds_run_side_by_side_keep_each_others_records(tmp_path):
+    """`--folds a` and `--folds b` in two calls: each loaded the file before the other wrote
+    it, and the second to finish must not drop the first's fold."""
+    import two_fold
+
+    path = tmp_path / "x.json"
+    two_fold.save(path, {"name": "x", "folds": {"a": {"unseen_auc": 0.7}}})  # call 1 finishes
+    two_fold.save(path, {"name": "x", "folds": {"b": {"unseen_auc": 0.6}}})  # call 2, loaded empty
+    folds = json.loads(path.read_text())["folds"]
+    assert folds == {"a": {"unseen_auc": 0.7}, "b": {"unseen_auc": 0.6}}
+    # A fold measured again by this call replaces its own older record.
+    two_fold.save(path, {"name": "x", "folds": {"b": {"unseen_auc": 0.65}}})
+    assert json.loads(path.read_text())["folds"]["b"] == {"unseen_auc": 0.65}
