@@ -245,7 +245,7 @@ def write_table(results_dir):
         ms = folds[0].get("ort_ms_batch1")
         rows.append(
             f"| {r['name']} | `{' '.join(r['train_args']) or '(defaults)'}` | "
-            f"{''.join(sorted(r['folds']))} | {folds[0]['params']:,} | "
+            f"{''.join(sorted(r['folds']))} | {r['epochs']} | {folds[0]['params']:,} | "
             f"{'-' if ms is None else f'{ms:.2f}'} | {float(mean('train_minutes')):.0f} | "
             f"{mean('seen_test_accuracy')} | {mean('unseen_balanced_accuracy')} | "
             f"{mean('unseen_real_accuracy')} | {mean('unseen_fake_accuracy')} | "
@@ -254,10 +254,10 @@ def write_table(results_dir):
             f"{mean('unseen_confident_accuracy')} |"
         )
     header = (
-        "| candidate | train.py flags | folds | params | ORT ms (batch 1) | train min / fold | "
+        "| candidate | train.py flags | folds | epochs | params | ORT ms (batch 1) | train min / fold | "
         "seen test acc | unseen balanced acc | unseen real | unseen fake | worst unseen real | "
         "unseen AUC | unseen demographic gap | unseen unsure | unseen confident right |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     text = (
         "# Yardstick: source-disjoint 2-fold (experiments/two_fold.py)\n\n"
