@@ -610,12 +610,15 @@ def train_transform(
     JPEG on the stored grid, which the crop then shifts against the last one) and kernel_p (down
     and up with nearest, bilinear or bicubic) hide a source's own noise, codec history and
     resampling traces, so the traces a generator leaves must carry the call."""
-    down_up = v2.Compose(
-        [
-            v2.RandomResize(round(min_scale * size), size + 1, antialias=True),
-            v2.Resize(size, antialias=True),
-        ]
-    )
+
+    def down_up(kernel=v2.InterpolationMode.BILINEAR):
+        return v2.Compose(
+            [
+                v2.RandomResize(round(min_scale * size), size + 1, interpolation=kernel),
+                v2.Resize(size, interpolation=kernel),
+            ]
+        )
+
     steps = [v2.RandomHorizontalFlip()]
     if double_jpeg_p > 0:
         steps.append(v2.RandomApply([v2.JPEG(quality=(60, 95))], p=double_jpeg_p))
@@ -623,20 +626,11 @@ def train_transform(
         steps.append(v2.RandomApply([NativeResolution(native_sides)], p=native_p))
     steps += [
         v2.RandomResizedCrop(size, scale=(min_crop, 1.0), ratio=(0.9, 1.1), antialias=True),
-        v2.RandomApply([down_up], p=rescale_p),
+        v2.RandomApply([down_up()], p=rescale_p),
     ]
     if kernel_p > 0:
-        kernels = [v2.InterpolationMode.NEAREST, v2.InterpolationMode.BILINEAR]
-        kernels.append(v2.InterpolationMode.BICUBIC)
-        rescales = [
-            v2.Compose(
-                [
-                    v2.RandomResize(round(min_scale * size), size + 1, interpolation=kernel),
-                    v2.Resize(size, interpolation=kernel),
-                ]
-            )
-            for kernel in kernels
-        ]
+        kernels = ("NEAREST", "BILINEAR", "BICUBIC")
+        rescales = [down_up(v2.InterpolationMode[kernel]) for kernel in kernels]
         steps.append(v2.RandomApply([v2.RandomChoice(rescales)], p=kernel_p))
     if rotate > 0:
         steps.append(v2.RandomRotation(rotate))
@@ -723,6 +717,14 @@ def load_resume(args):
     return resume
 
 
+# The recipe options added for data v3, each at its "off" value (its default). Runs from before
+# an option existed trained with it off; experiments/lofo.py checks every run against them.
+RECIPE_OPTIONS_OFF = {
+    "native_p": 0.0, "no_highpass": False, "rotate": 0.0, "colour": 0.0, "mask_p": 0.0,
+    "residual_blocks": 0, "noise_p": 0.0, "double_jpeg_p": 0.0, "kernel_p": 0.0,
+}  # fmt: skip
+
+
 def saved_train_args(ckpt):
     """A checkpoint's train.py arguments with what older runs left implicit made explicit:
     runs from before --jpeg-p re-compressed with the blur probability, --degrade-p, those
@@ -733,9 +735,7 @@ def saved_train_args(ckpt):
     args.setdefault("rescale_p", 0.0)  # runs from before --rescale-p did not rescale
     args.setdefault("attention_stage", 2)  # the one place before --attention-stage
     # Runs from before the data-v3 recipe options trained without them.
-    for key, off in (("native_p", 0.0), ("no_highpass", False), ("rotate", 0.0),
-                     ("colour", 0.0), ("mask_p", 0.0), ("residual_blocks", 0),
-                     ("noise_p", 0.0), ("double_jpeg_p", 0.0), ("kernel_p", 0.0)):  # fmt: skip
+    for key, off in RECIPE_OPTIONS_OFF.items():
         args.setdefault(key, off)
     return args
 

@@ -42,8 +42,8 @@ from common import atomic_write, load_rows, read_manifest, write_csv  # noqa: E4
 from demographics import called_real_by_group  # noqa: E402
 from evaluate import sharpness, size_and_sharpness  # noqa: E402
 from model import load_checkpoint, predict  # noqa: E402
+from train import RECIPE_OPTIONS_OFF, saved_train_args  # noqa: E402
 from train import parse_args as train_defaults  # noqa: E402
-from train import saved_train_args  # noqa: E402
 
 
 def score(model, rows, with_sharpness=False):
@@ -115,8 +115,7 @@ def wanted_recipe(args):
     run must not slip in)."""
     defaults, plain = vars(train_defaults(args.train_args)), vars(train_defaults([]))
     keys = ("degrade_p", "jpeg_p", "min_crop", "rescale_p", "width", "loss")
-    keys += ("native_p", "no_highpass", "rotate", "colour", "mask_p", "residual_blocks")
-    keys += ("noise_p", "double_jpeg_p", "kernel_p")
+    keys += tuple(RECIPE_OPTIONS_OFF)
     wanted = {k: defaults[k] for k in keys}
     wanted |= {k: v for k, v in defaults.items() if v != plain[k]}  # every flag after --
     patience = defaults["patience"] if args.patience is None else args.patience
