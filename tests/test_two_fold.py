@@ -78,3 +78,48 @@ def test_folds_run_side_by_side_keep_each_others_records(tmp_path):
     # A fold measured again by this call replaces its own older record.
     two_fold.save(path, {"name": "x", "folds": {"b": {"unseen_auc": 0.65}}})
     assert json.loads(path.read_text())["folds"]["b"] == {"unseen_auc": 0.65}
+
+
+def test_spectrum_features_see_upsampling_and_the_baseline_scores_both_folds(
+    tmp_path, prepared, monkeypatch
+):
+    import spectrum
+    import two_fold
+
+    from common import load_rows, read_manifest
+
+    # An image upsampled 2x (nearest) keeps half the band: its outer rings fall well below
+    # those of the same noise at full resolution; a constant offset leaves the profile as is.
+    rng = np.random.default_rng(0)
+    noise = torch.from_numpy(rng.integers(0, 256, (1, 3, 128, 128), dtype=np.uint8))
+    upsampled = noise[:, :, ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3)
+    sharp, soft = spectrum.radial_profile(spectrum.log_power(torch.cat([noise, upsampled])))
+    assert sharp.shape == (spectrum.RINGS,) and abs(sharp.mean()) < 1e-4
+    assert soft[-8:].mean() < sharp[-8:].mean() - 1.5
+    brighter = (noise.int() // 2 + 60).to(torch.uint8)
+    half = (noise.int() // 2).to(torch.uint8)
+    assert np.allclose(
+        *spectrum.radial_profile(spectrum.log_power(torch.cat([brighter, half]))), atol=1e-3
+    )
+    assert spectrum.pooled_grid(spectrum.log_power(noise)).shape == (1, spectrum.GRID**2)
+
+    halves = {
+        "a": {"real": ["camera"], "fake": ["ganA"]},
+        "b": {"real": ["people"], "fake": ["ganB"]},
+    }
+    monkeypatch.setattr(spectrum, "FOLDS", halves)
+    monkeypatch.setattr(two_fold, "FOLDS", halves)
+    results = tmp_path / "yardstick"
+    spectrum.main(["--data", str(prepared), "--features", "radial",
+                   "--cache", str(tmp_path / "features.npz"), "--results", str(results)])  # fmt: skip
+    record = json.loads((results / "spectrum-radial.json").read_text())
+    assert set(record["folds"]) == {"a", "b"}
+    rows = read_manifest(prepared)
+    rings = min(spectrum.RINGS, load_rows(rows[:1]).shape[-1] // 2)
+    for fold, other in (("a", "b"), ("b", "a")):
+        result = record["folds"][fold]
+        real = halves[other]["real"][0]
+        assert result["unseen_per_source"][real]["n"] == sum(r["source"] == real for r in rows)
+        assert 0 <= result["unseen_auc"] <= 1 and result["params"] == rings + 1
+    two_fold.write_table(results)
+    assert "| spectrum-radial | `(not train.py" in (tmp_path / "yardstick.md").read_text()

@@ -1,0 +1,209 @@
+"""The frequency-spectrum baseline on the yardstick of unseen sources: does a linear model of
+the face's power spectrum tell unseen generators from unseen cameras better than the CNN?
+
+    python experiments/spectrum.py                       # both feature sets, both folds
+    python experiments/two_fold.py --table               # its rows beside the CNN candidates
+
+The data README's first measurements found "a plain spectrum + logistic regression" the recipe
+that generalised best to an unseen generator family (Durall et al. 2020, "Watch your
+up-convolution": GAN upsampling leaves a high-frequency signature). Here, on the model's own
+view of each face (common.load_rows: the 128 px canonical framing every stage uses):
+
+  radial   the azimuthal mean of the grey image's log power spectrum, 64 rings, minus its own
+           mean (so brightness and contrast do not count): 64 numbers a face;
+  grid     the log power spectrum itself mean-pooled to 16 x 16, minus its mean: 256 numbers
+           (each point twice: the spectrum of a real image is point-symmetric), which can see
+           direction too (a grid artefact of upsampling lies on the axes).
+
+A standardised logistic regression (sklearn; C picked on the half's validation split by ROC-AUC)
+trains on one half's train split (experiments/two_fold.FOLDS), its threshold set on that half's
+validation split by the rule every checkpoint uses (calibrate.choose_threshold), then every
+image of the other half is scored, unseen; then the halves swap. Results are written in the
+yardstick's schema (results/yardstick/spectrum-<features>.json), so two_fold.py --table lists
+them beside the CNN candidates. Features are cached in runs/spectrum/ (about 2 minutes once).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from two_fold import FOLDS, OTHER, _sources, accuracy, save  # noqa: E402
+
+from calibrate import choose_threshold, unsure_band  # noqa: E402
+from common import load_rows, read_manifest  # noqa: E402
+from demographics import called_real_by_group  # noqa: E402
+from evaluate import decisions  # noqa: E402
+
+FEATURES = ("radial", "grid")
+RINGS = 64
+GRID = 16
+C_VALUES = (0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+def log_power(images):
+    """uint8 N x 3 x S x S -> the grey images' centred log power spectra, float32 N x S x S."""
+    weights = np.array([0.299, 0.587, 0.114], np.float32).reshape(1, 3, 1, 1)
+    grey = (images.numpy().astype(np.float32) * weights).sum(1) / 255
+    spectrum = np.fft.fftshift(np.fft.fft2(grey), axes=(1, 2))
+    size = grey.shape[-1]
+    spectrum[:, size // 2, size // 2] = 0  # the mean, removed (only rounding error was left)
+    return np.log(np.abs(spectrum) ** 2 + 1e-8).astype(np.float32)
+
+
+def radial_profile(power, rings=RINGS):
+    """Azimuthal mean of N x S x S centred spectra over `rings` rings out to the Nyquist circle
+    (the corners beyond it are left out: only the diagonal reaches them); at most one ring a
+    pixel of radius, or the innermost rings hold no frequency."""
+    size = power.shape[-1]
+    rings = min(rings, size // 2)
+    y, x = np.indices((size, size)) - size // 2
+    radius = np.hypot(x, y) / (size / 2)
+    ring = np.minimum((radius * rings).astype(int), rings)  # rings: outside the circle
+    counts = np.bincount(ring.ravel(), minlength=rings + 1)[:rings]
+    flat = power.reshape(len(power), -1)
+    sums = np.stack(
+        [np.bincount(ring.ravel(), weights=p, minlength=rings + 1)[:rings] for p in flat]
+    )
+    profile = sums / counts
+    return profile - profile.mean(axis=1, keepdims=True)
+
+
+def pooled_grid(power, grid=GRID):
+    """N x S x S centred spectra mean-pooled to grid x grid, minus each image's mean."""
+    step = power.shape[-1] // grid
+    pooled = power[:, : grid * step, : grid * step].reshape(len(power), grid, step, grid, step)
+    pooled = pooled.mean(axis=(2, 4)).reshape(len(power), -1)
+    return pooled - pooled.mean(axis=1, keepdims=True)
+
+
+def features_of(rows, cache, batch=1024):
+    """Both feature sets for every row, cached by the manifest's paths."""
+    paths = [r["path"] for r in rows]
+    if cache.is_file():
+        saved = np.load(cache, allow_pickle=False)
+        if list(saved["paths"]) == paths:
+            return {name: saved[name] for name in FEATURES}
+    out = {name: [] for name in FEATURES}
+    for start in range(0, len(rows), batch):
+        power = log_power(load_rows(rows[start : start + batch]))
+        out["radial"].append(radial_profile(power))
+        out["grid"].append(pooled_grid(power))
+        print(f"features: {min(start + batch, len(rows))}/{len(rows)}", flush=True)
+    out = {name: np.concatenate(v).astype(np.float32) for name, v in out.items()}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.stem + ".tmp.npz")
+    np.savez(tmp, paths=np.array(paths), **out)
+    tmp.replace(cache)
+    return out
+
+
+def fit(x_train, y_train, x_val, y_val):
+    """The logistic regression whose C scores the best validation ROC-AUC."""
+    best = None
+    for c in C_VALUES:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000,
+                                                                 class_weight="balanced"))  # fmt: skip
+        clf.fit(x_train, y_train)
+        auc = roc_auc_score(y_val, clf.predict_proba(x_val)[:, 1])
+        if best is None or auc > best[0]:
+            best = (auc, c, clf)
+    return best
+
+
+def score_fold(x, rows, trained_on):
+    """Train on one half, score the other: the yardstick's fields (two_fold.score_fold's)."""
+    source = np.array([r["source"] for r in rows])
+    split = np.array([r["split"] for r in rows])
+    is_fake = np.array([r["label"] == "fake" for r in rows])
+    seen = np.isin(source, _sources(trained_on))
+    train, val, test = (seen & (split == s) for s in ("train", "val", "test"))
+    start = time.time()
+    val_auc, c, clf = fit(x[train], is_fake[train], x[val], is_fake[val])
+    prob_val = clf.predict_proba(x[val])[:, 1]
+    t = choose_threshold(prob_val, is_fake[val].astype(int), source[val])
+    low, high, _ = unsure_band(prob_val, is_fake[val].astype(int), t)
+    unseen = np.isin(source, _sources(OTHER[trained_on]))
+    prob = clf.predict_proba(x[unseen])[:, 1]
+    per_source = {}
+    for name in _sources(OTHER[trained_on]):
+        mine = source[unseen] == name
+        if mine.any():
+            label = bool(is_fake[unseen][mine][0])
+            per_source[name] = {"label": "fake" if label else "real", "n": int(mine.sum()),
+                                "accuracy": accuracy(prob[mine], label, t)}  # fmt: skip
+    class_means = [
+        np.mean([s["accuracy"] for s in per_source.values() if s["label"] == label])
+        for label in ("real", "fake")
+    ]
+    unseen_rows = [r for r, u in zip(rows, unseen) if u]
+    shown = decisions(is_fake[unseen].astype(int), prob, t, (low, high))
+    groups = called_real_by_group(unseen_rows, prob, t, (low, high))
+    return {
+        "trained_on": trained_on,
+        "threshold": t,
+        "best_epoch": None,
+        "C": c,
+        "val_auc": float(val_auc),
+        "seen_test_accuracy": accuracy(clf.predict_proba(x[test])[:, 1], is_fake[test], t),
+        "unseen_balanced_accuracy": float(np.mean(class_means)),
+        "unseen_real_accuracy": float(class_means[0]),
+        "unseen_fake_accuracy": float(class_means[1]),
+        "worst_unseen_real": min(
+            (s["accuracy"], k) for k, s in per_source.items() if s["label"] == "real"
+        ),
+        "unseen_auc": float(roc_auc_score(is_fake[unseen], prob)),
+        "unseen_unsure_share": shown["unsure_share"],
+        "unseen_confident_accuracy": shown["confident_accuracy"],
+        "unseen_demographic_gap": groups["gap"]["gap"] if groups and groups["gap"] else None,
+        "unseen_demographics": groups,
+        "unseen_per_source": per_source,
+        "train_minutes": (time.time() - start) / 60,
+        "params": int(x.shape[1] + 1),
+        "ort_ms_batch1": None,
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data", default="data/faces", help="prepared dataset (default data/faces)")
+    p.add_argument("--features", nargs="+", choices=FEATURES, default=list(FEATURES),
+                   help="feature sets to measure (default both)")  # fmt: skip
+    p.add_argument("--cache", default="runs/spectrum/features.npz", help="feature cache")
+    p.add_argument("--results", default="results/yardstick", help="default results/yardstick")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = read_manifest(args.data)
+    features = features_of(rows, Path(args.cache))
+    for name in args.features:
+        result = {"name": f"spectrum-{name}", "epochs": "-", "folds": {},
+                  "train_args": [f"(not train.py: experiments/spectrum.py, {name} log spectrum "
+                                 "+ logistic regression)"]}  # fmt: skip
+        for fold in FOLDS:
+            result["folds"][fold] = score_fold(features[name], rows, fold)
+            print(json.dumps({k: v for k, v in result["folds"][fold].items()
+                              if not isinstance(v, dict)}), flush=True)  # fmt: skip
+        out = Path(args.results) / f"{result['name']}.json"
+        if out.is_file():
+            out.unlink()  # a fresh measurement, not merged with an older one
+        save(out, result)
+
+
+if __name__ == "__main__":
+    main()
