@@ -162,10 +162,12 @@ class FaceCheckNet(nn.Module):
             x = self.attention(x)
         return self.stage3(x)
 
-    def forward(self, x):
-        """Returns logits N x 2 (index 0 = real, 1 = fake)."""
-        x = self.features(x).mean(dim=(2, 3))
-        return self.head(self.dropout(x))
+    def forward(self, x, with_pooled=False):
+        """Returns logits N x 2 (index 0 = real, 1 = fake); with_pooled, also the pooled
+        features N x C the head reads (train.py's source adversary reads them too)."""
+        pooled = self.features(x).mean(dim=(2, 3))
+        logits = self.head(self.dropout(pooled))
+        return (logits, pooled) if with_pooled else logits
 
 
 def count_parameters(model):

@@ -73,6 +73,7 @@ HISTORY_FIELDS = [
     "val_acc",
     "seconds",
     "images_per_s",
+    "adversary_acc",
 ]
 
 
@@ -104,6 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--noise-p", type=float, default=0.0, help="probability of Gaussian pixel noise (default 0)")
     p.add_argument("--double-jpeg-p", type=float, default=0.0, help="probability of a first JPEG before the crop (default 0)")
     p.add_argument("--kernel-p", type=float, default=0.0, help="probability of rescaling with a random kernel (default 0)")
+    p.add_argument("--source-adversary", type=float, default=0.0, help="weight of the reversed-gradient source loss (default 0: off)")
     p.add_argument("--residual-blocks", type=int, default=0, help="residual blocks per stage; 0 = the plain stages (default 0)")
     p.add_argument("--stem-stride", type=int, choices=[2, 4], default=2, help="first conv's stride: 4 runs 256 px data at 128 px cost (default 2)")
     p.add_argument("--attention-stage", type=int, choices=[1, 2], default=2, help="the attention layer after stage 2 or (finer, dearer) stage 1 (default 2)")
@@ -140,10 +142,17 @@ def main(argv=None):
     model = build_model(config, device, world)  # the plain module: validation, checkpoints
     amp = amp_dtype(device, args.precision)
     loader, generator = build_loader(args, data, rank, world, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    adversary = None
+    if args.source_adversary > 0:
+        adversary = SourceAdversary(config["widths"][-1], data.source_class).to(device)
+    params = [*model.parameters(), *(adversary.parameters() if adversary else [])]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     trained = model  # what the steps go through: under torchrun DDP, which syncs the gradients
     if world > 1:
-        trained = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        trained = DDP(model, device_ids=ids)
+        if adversary is not None:
+            adversary = DDP(adversary, device_ids=ids)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(loader), pct_start=0.15
     )
@@ -162,13 +171,13 @@ def main(argv=None):
     start_epoch, history, stopper = 1, [], EarlyStopping(args.patience)
     if resume:
         start_epoch, history, stopper = restore(
-            resume, model, optimizer, scheduler, scaler, generator, args, rank
+            resume, model, optimizer, scheduler, scaler, generator, args, rank, adversary
         )
     if rank == 0:
         print_setup(args, data, run, device, weights)
 
     def resumable():  # what last.pt needs beyond best.pt to continue the run exactly
-        return training_state(optimizer, scheduler, scaler, generator, history, stopper)
+        return training_state(optimizer, scheduler, scaler, generator, history, stopper, adversary)
 
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)  # a scheduler's SIGTERM stops like Ctrl-C
     if rank == 0 and start_epoch == 1:  # from the first moment on, last.pt can resume
@@ -177,9 +186,10 @@ def main(argv=None):
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             started = time.time()
-            train_loss, train_acc, seen = train_one_epoch(
-                trained, loader, criterion, optimizer, scheduler, scaler, amp, device, epoch, args
-            )
+            train_loss, train_acc, seen, adversary_acc = train_one_epoch(
+                trained, loader, criterion, optimizer, scheduler, scaler, amp, device, epoch, args,
+                adversary,
+            )  # fmt: skip
             prob, val_logits = validate(model, data.val_images, device, args.precision, rank, world)
             seconds = time.time() - started
             val_loss = val_criterion(val_logits, data.val_labels).item()
@@ -188,7 +198,7 @@ def main(argv=None):
             history.append({
                 "epoch": epoch, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
                 "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
-                "seconds": seconds, "images_per_s": seen / seconds,
+                "seconds": seconds, "images_per_s": seen / seconds, "adversary_acc": adversary_acc,
             })  # fmt: skip
             if rank == 0:  # the files, each written atomically
                 if stopper.improved:
@@ -228,34 +238,45 @@ def main(argv=None):
 
 
 def train_one_epoch(
-    trained, loader, criterion, optimizer, scheduler, scaler, amp, device, epoch, args
-):
-    """One pass over the sampler's draw; loss and accuracy summed over every process."""
+    trained, loader, criterion, optimizer, scheduler, scaler, amp, device, epoch, args,
+    adversary=None,
+):  # fmt: skip
+    """One pass over the sampler's draw; loss and accuracy summed over every process (and,
+    with a source adversary, how often it named a face's source: None without one)."""
     trained.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, named = 0.0, 0, 0, 0
     rank = dist.get_rank() if dist.is_initialized() else 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, unit="batch",
                disable=rank != 0)  # fmt: skip
-    for images, labels in bar:
+    for step, (images, labels, sources) in enumerate(bar):
         x = to_model_input(images).to(device, non_blocking=True)
         y = labels.to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.to(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = trained(x)
+            logits, pooled = trained(x, with_pooled=True)
         logits = logits.float()
-        loss = criterion(logits, y)
+        class_loss = loss = criterion(logits, y)
+        if adversary is not None:
+            # DANN's ramp (Ganin & Lempitsky 2015): no reversal at first, when the features
+            # are noise, rising to the full weight as training goes on.
+            progress = ((epoch - 1) * len(loader) + step) / (args.epochs * len(loader))
+            strength = args.source_adversary * (2 / (1 + np.exp(-10 * progress)) - 1)
+            s = sources.to(device, non_blocking=True)
+            source_logits = adversary(pooled.float(), y, strength)
+            loss = loss + F.cross_entropy(source_logits, s)
+            named += (source_logits.argmax(1) == s).sum().item()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total_loss += loss.item() * len(y)
+        total_loss += class_loss.item() * len(y)  # the real/fake loss, comparable across runs
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}")
-    total_loss, correct, seen = all_sum([total_loss, correct, seen], device)
-    return total_loss / seen, correct / seen, seen
+    total_loss, correct, seen, named = all_sum([total_loss, correct, seen, named], device)
+    return total_loss / seen, correct / seen, seen, named / seen if adversary else None
 
 
 def all_sum(values, device):
@@ -342,8 +363,9 @@ def checkpoint(run, model, epoch, history, val_metrics, threshold, resumable=Non
     }
 
 
-def training_state(optimizer, scheduler, scaler, generator, history, stopper):
+def training_state(optimizer, scheduler, scaler, generator, history, stopper, adversary=None):
     return {
+        "adversary": _plain(adversary).state_dict() if adversary is not None else None,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -355,10 +377,12 @@ def training_state(optimizer, scheduler, scaler, generator, history, stopper):
     }
 
 
-def restore(resume, model, optimizer, scheduler, scaler, generator, args, rank):
+def restore(resume, model, optimizer, scheduler, scaler, generator, args, rank, adversary=None):
     """Put a last.pt's weights, optimizer, schedule, sampler and RNG states back; returns
     (the first epoch to run, the history so far, the early stopping's state)."""
     model.load_state_dict(resume["model"])
+    if adversary is not None:
+        _plain(adversary).load_state_dict(resume["adversary"])
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     if "scaler" in resume:
@@ -389,7 +413,9 @@ def print_epoch(row, best):
     print(
         f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
         f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  {row['seconds']:.0f}s "
-        f"({row['images_per_s']:.0f} img/s){'  *best' if best else ''}",
+        f"({row['images_per_s']:.0f} img/s)"
+        + (f"  source named {row['adversary_acc']:.3f}" if row.get("adversary_acc") else "")
+        + ("  *best" if best else ""),
         flush=True,
     )
 
@@ -426,6 +452,7 @@ def build_loader(args, data, rank, world, device):
             double_jpeg_p=args.double_jpeg_p,
             kernel_p=args.kernel_p,
         ),  # fmt: skip
+        data.train_source_ids,
     )
     if args.sampler == "source-balanced":
         sampler = WeightedRandomSampler(
@@ -471,7 +498,11 @@ def load_data(data_dir, progress):
         data_dir, "train", framing=None, progress=progress
     )
     val_images, val_labels, val_rows = load_split(data_dir, "val", progress=progress)
+    sources = sorted({(r["label"], r["source"]) for r in train_rows})  # the adversary's classes
+    index = {source: i for i, (_, source) in enumerate(sources)}
     return SimpleNamespace(
+        train_source_ids=torch.tensor([index[r["source"]] for r in train_rows]),
+        source_class=[CLASS_NAMES.index(label) for label, _ in sources],
         dir=data_dir,
         train_images=train_images,
         train_labels=train_labels,
@@ -674,9 +705,45 @@ class PixelNoise(torch.nn.Module):
         return noisy.round().clamp(0, 255).to(torch.uint8)
 
 
+class SourceAdversary(torch.nn.Module):
+    """Names a training face's source among the sources of its own class, from the pooled
+    features, through a gradient reversal (DANN, Ganin & Lempitsky 2015): the head learns to
+    name the source, the features are pushed to make that impossible. Within a class only, so
+    that what is reversed is the source's look (camera, codec, framing, who is in it), not the
+    real/fake signal itself. Used in training only; no checkpoint's model carries it."""
+
+    def __init__(self, width, source_class):
+        super().__init__()
+        self.head = torch.nn.Linear(width, len(source_class))
+        self.register_buffer("source_class", torch.as_tensor(source_class))
+
+    def forward(self, pooled, labels, strength):
+        logits = self.head(ReverseGradient.apply(pooled, strength))
+        return logits.masked_fill(self.source_class[None, :] != labels[:, None], float("-inf"))
+
+
+class ReverseGradient(torch.autograd.Function):
+    """Identity forward, gradient times -strength backward. Hand-written: PyTorch has no
+    gradient reversal layer, and it is four lines."""
+
+    @staticmethod
+    def forward(ctx, x, strength):
+        ctx.strength = strength
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.strength * grad, None
+
+
+def _plain(module):
+    return module.module if isinstance(module, DDP) else module
+
+
 class AugmentedImages(Dataset):
-    def __init__(self, images, labels, transform):
+    def __init__(self, images, labels, transform, sources=None):
         self.images, self.labels, self.transform = images, labels, transform
+        self.sources = sources if sources is not None else torch.zeros_like(labels)
 
     def __len__(self):
         return len(self.labels)
@@ -688,7 +755,7 @@ class AugmentedImages(Dataset):
         i, seed = index_and_seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.transform(self.images[i]), self.labels[i]
+            return self.transform(self.images[i]), self.labels[i], self.sources[i]
 
 
 def load_resume(args):
@@ -722,6 +789,7 @@ def load_resume(args):
 RECIPE_OPTIONS_OFF = {
     "native_p": 0.0, "no_highpass": False, "rotate": 0.0, "colour": 0.0, "mask_p": 0.0,
     "residual_blocks": 0, "noise_p": 0.0, "double_jpeg_p": 0.0, "kernel_p": 0.0,
+    "source_adversary": 0.0,
 }  # fmt: skip
 
 

@@ -492,3 +492,53 @@ def test_residual_blocks_change_the_model_and_old_checkpoints_still_load():
     assert deeper(torch.rand(2, 3, 128, 128)).shape == (2, 2)
     # A config without the key (every checkpoint from before it) builds the plain stages.
     assert FaceCheckNet({"attention": False}).state_dict().keys() == plain.state_dict().keys()
+
+
+def test_source_adversary_reverses_its_gradient_and_names_sources_within_the_class():
+    x = torch.randn(4, 8, requires_grad=True)
+    train.ReverseGradient.apply(x, 0.3).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, -0.3))
+    # Sources 0, 1 real and 2 fake: a real face's logits for the fake source are -inf, so its
+    # loss is a choice between the real sources only.
+    adversary = train.SourceAdversary(8, [0, 0, 1])
+    logits = adversary(torch.randn(3, 8), torch.tensor([0, 0, 1]), 1.0)
+    assert torch.isinf(logits[:2, 2]).all() and torch.isinf(logits[2, :2]).all()
+    assert torch.isfinite(logits[:2, :2]).all() and torch.isfinite(logits[2, 2])
+    loss = F.cross_entropy(logits, torch.tensor([1, 0, 2]))
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_source_adversary_trains_resumes_exactly_and_stays_out_of_the_model(
+    tmp_path, prepared, monkeypatch
+):
+    common = ["--data", str(prepared), "--epochs", "2", "--batch-size", "16", "--workers", "0",
+              "--seed", "2", "--patience", "10", "--device", "cpu"]  # fmt: skip
+    train.main([*common, "--out", str(tmp_path / "plain")])
+    train.main([*common, "--out", str(tmp_path / "straight"), "--source-adversary", "1"])
+    history = read_history(tmp_path / "straight")
+    assert all(0 <= float(h["adversary_acc"]) <= 1 for h in history)
+    assert all(h["adversary_acc"] == "" for h in read_history(tmp_path / "plain"))
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    plain = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)
+    assert set(straight["model"]) == set(plain["model"])  # the head is not in the model
+    assert plain["adversary"] is None and "head.weight" in straight["adversary"]
+    assert not torch.equal(straight["model"]["head.weight"], plain["model"]["head.weight"])
+
+    # Stopped after epoch 1 (Ctrl-C), then resumed: the same weights as the straight run.
+    real_print = train.print_epoch
+
+    def stop_after_first(row, best):
+        real_print(row, best)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "print_epoch", stop_after_first)
+    run = tmp_path / "stopped"
+    with pytest.raises(SystemExit):
+        train.main([*common, "--out", str(run), "--source-adversary", "1"])
+    monkeypatch.setattr(train, "print_epoch", real_print)
+    train.main(["--resume", str(run / "last.pt"), "--workers", "0", "--device", "cpu"])
+    resumed = torch.load(run / "last.pt", weights_only=True)
+    for part in ("model", "adversary"):
+        for key in straight[part]:
+            assert torch.allclose(straight[part][key].float(), resumed[part][key].float(),
+                                  atol=1e-5), (part, key)  # fmt: skip
