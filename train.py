@@ -145,7 +145,7 @@ def main(argv=None):
     adversary = None
     if args.source_adversary > 0:
         adversary = SourceAdversary(config["widths"][-1], data.source_class).to(device)
-    params = [*model.parameters(), *(adversary.parameters() if adversary else [])]
+    params = [*model.parameters(), *(adversary.parameters() if adversary is not None else [])]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     trained = model  # what the steps go through: under torchrun DDP, which syncs the gradients
     if world > 1:
@@ -276,7 +276,7 @@ def train_one_epoch(
         seen += len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}")
     total_loss, correct, seen, named = all_sum([total_loss, correct, seen, named], device)
-    return total_loss / seen, correct / seen, seen, named / seen if adversary else None
+    return total_loss / seen, correct / seen, seen, named / seen if adversary is not None else None
 
 
 def all_sum(values, device):
