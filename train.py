@@ -414,7 +414,11 @@ def print_epoch(row, best):
         f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
         f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  {row['seconds']:.0f}s "
         f"({row['images_per_s']:.0f} img/s)"
-        + (f"  source named {row['adversary_acc']:.3f}" if row.get("adversary_acc") else "")
+        + (
+            f"  source named {row['adversary_acc']:.3f}"
+            if row.get("adversary_acc") is not None
+            else ""
+        )
         + ("  *best" if best else ""),
         flush=True,
     )
@@ -499,9 +503,9 @@ def load_data(data_dir, progress):
     )
     val_images, val_labels, val_rows = load_split(data_dir, "val", progress=progress)
     sources = sorted({(r["label"], r["source"]) for r in train_rows})  # the adversary's classes
-    index = {source: i for i, (_, source) in enumerate(sources)}
+    index = {key: i for i, key in enumerate(sources)}  # by class too: a name in both stays two
     return SimpleNamespace(
-        train_source_ids=torch.tensor([index[r["source"]] for r in train_rows]),
+        train_source_ids=torch.tensor([index[r["label"], r["source"]] for r in train_rows]),
         source_class=[CLASS_NAMES.index(label) for label, _ in sources],
         dir=data_dir,
         train_images=train_images,

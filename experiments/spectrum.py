@@ -57,9 +57,14 @@ def log_power(images):
     weights = np.array([0.299, 0.587, 0.114], np.float32).reshape(1, 3, 1, 1)
     grey = (images.numpy().astype(np.float32) * weights).sum(1) / 255
     spectrum = np.fft.fftshift(np.fft.fft2(grey), axes=(1, 2))
-    size = grey.shape[-1]
-    spectrum[:, size // 2, size // 2] = 0  # the mean, removed (only rounding error was left)
-    return np.log(np.abs(spectrum) ** 2 + 1e-8).astype(np.float32)
+    power = np.log(np.abs(spectrum) ** 2 + 1e-8).astype(np.float32)
+    # The DC term is the mean brightness: replaced by its four neighbours' mean, so that it
+    # moves with contrast like every other frequency and the per-image mean taken later
+    # removes contrast from every feature (a constant there would carry contrast instead).
+    c = grey.shape[-1] // 2
+    power[:, c, c] = (power[:, c - 1, c] + power[:, c + 1, c] + power[:, c, c - 1]
+                      + power[:, c, c + 1]) / 4  # fmt: skip
+    return power
 
 
 def radial_profile(power, rings=RINGS):
@@ -88,12 +93,16 @@ def pooled_grid(power, grid=GRID):
     return pooled - pooled.mean(axis=1, keepdims=True)
 
 
+FEATURE_VERSION = 2  # 1: the DC term was a constant (it carried contrast)
+
+
 def features_of(rows, cache, batch=1024):
-    """Both feature sets for every row, cached by the manifest's paths."""
-    paths = [r["path"] for r in rows]
+    """Both feature sets for every row, cached: reused only for the same images (the
+    manifest's files, absolute) measured the same way (FEATURE_VERSION, RINGS, GRID)."""
+    key = np.array([r["file"] for r in rows] + [f"v{FEATURE_VERSION} {RINGS} {GRID}"])
     if cache.is_file():
         saved = np.load(cache, allow_pickle=False)
-        if list(saved["paths"]) == paths:
+        if "key" in saved and np.array_equal(saved["key"], key):
             return {name: saved[name] for name in FEATURES}
     out = {name: [] for name in FEATURES}
     for start in range(0, len(rows), batch):
@@ -104,7 +113,7 @@ def features_of(rows, cache, batch=1024):
     out = {name: np.concatenate(v).astype(np.float32) for name, v in out.items()}
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.stem + ".tmp.npz")
-    np.savez(tmp, paths=np.array(paths), **out)
+    np.savez(tmp, key=key, **out)
     tmp.replace(cache)
     return out
 

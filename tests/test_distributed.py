@@ -129,3 +129,21 @@ def test_shards_cover_one_draw_once(world):
     assert sorted(sum(shards, [])) == sorted(whole[: 10 // world * world])
     assert sorted(i for i, _ in whole) == list(range(10))
     assert len({seed for _, seed in whole}) == 10
+
+
+def test_torchrun_with_a_source_adversary_trains_and_saves_it(tmp_path, prepared):
+    """The adversary is a second DDP module: two processes train with it and rank 0 saves its
+    state in last.pt, the model's keys unchanged."""
+    import model
+
+    run = tmp_path / "ddp-adversary"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--data", str(prepared), "--out", str(run), "--source-adversary", "1",
+            "--epochs", "2", *TINY[2:]]  # fmt: skip
+    result = subprocess.run(torchrun(*args), cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(0 <= float(h["adversary_acc"]) <= 1 for h in read_history(run))
+    _, last = model.load_checkpoint(run / "last.pt")
+    assert set(last["adversary"]) == {"head.weight", "head.bias", "source_class"}
+    assert set(last["model"]) == set(model.FaceCheckNet(last["config"]).state_dict())

@@ -96,11 +96,13 @@ def test_spectrum_features_see_upsampling_and_the_baseline_scores_both_folds(
     sharp, soft = spectrum.radial_profile(spectrum.log_power(torch.cat([noise, upsampled])))
     assert sharp.shape == (spectrum.RINGS,) and abs(sharp.mean()) < 1e-4
     assert soft[-8:].mean() < sharp[-8:].mean() - 1.5
-    brighter = (noise.int() // 2 + 60).to(torch.uint8)
+    # Neither brightness nor contrast moves a feature: the same pattern brighter, or doubled.
     half = (noise.int() // 2).to(torch.uint8)
-    assert np.allclose(
-        *spectrum.radial_profile(spectrum.log_power(torch.cat([brighter, half]))), atol=1e-3
-    )
+    brighter, doubled = (half + 60).to(torch.uint8), (half.int() * 2).to(torch.uint8)
+    power = spectrum.log_power(torch.cat([half, brighter, doubled]))
+    for features in (spectrum.radial_profile(power), spectrum.pooled_grid(power)):
+        assert np.allclose(features[0], features[1], atol=1e-3)
+        assert np.allclose(features[0], features[2], atol=1e-3)
     assert spectrum.pooled_grid(spectrum.log_power(noise)).shape == (1, spectrum.GRID**2)
 
     halves = {
