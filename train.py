@@ -745,9 +745,9 @@ def _plain(module):
 
 
 class AugmentedImages(Dataset):
-    def __init__(self, images, labels, transform, sources=None):
+    def __init__(self, images, labels, transform, sources):
         self.images, self.labels, self.transform = images, labels, transform
-        self.sources = sources if sources is not None else torch.zeros_like(labels)
+        self.sources = sources  # each image's source id (the source adversary's target)
 
     def __len__(self):
         return len(self.labels)

@@ -39,12 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from two_fold import FOLDS, OTHER, _sources, accuracy, save  # noqa: E402
+from torchvision.transforms.v2.functional import rgb_to_grayscale  # noqa: E402
+from two_fold import FOLDS, OTHER, _sources, fold_record, save  # noqa: E402
 
 from calibrate import choose_threshold, unsure_band  # noqa: E402
 from common import load_rows, read_manifest  # noqa: E402
-from demographics import called_real_by_group  # noqa: E402
-from evaluate import decisions  # noqa: E402
 
 FEATURES = ("radial", "grid")
 RINGS = 64
@@ -54,8 +53,7 @@ C_VALUES = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 def log_power(images):
     """uint8 N x 3 x S x S -> the grey images' centred log power spectra, float32 N x S x S."""
-    weights = np.array([0.299, 0.587, 0.114], np.float32).reshape(1, 3, 1, 1)
-    grey = (images.numpy().astype(np.float32) * weights).sum(1) / 255
+    grey = rgb_to_grayscale(images.float() / 255)[:, 0].numpy()
     spectrum = np.fft.fftshift(np.fft.fft2(grey), axes=(1, 2))
     power = np.log(np.abs(spectrum) ** 2 + 1e-8).astype(np.float32)
     # The DC term is the mean brightness: replaced by its four neighbours' mean, so that it
@@ -93,7 +91,7 @@ def pooled_grid(power, grid=GRID):
     return pooled - pooled.mean(axis=1, keepdims=True)
 
 
-FEATURE_VERSION = 2  # 1: the DC term was a constant (it carried contrast)
+FEATURE_VERSION = 3  # 1: the DC term was a constant (it carried contrast); 2: hand-written grey
 
 
 def features_of(rows, cache, batch=1024):
@@ -132,7 +130,7 @@ def fit(x_train, y_train, x_val, y_val):
 
 
 def score_fold(x, rows, trained_on):
-    """Train on one half, score the other: the yardstick's fields (two_fold.score_fold's)."""
+    """Train on one half, score the other: the yardstick's figures (two_fold.fold_record)."""
     source = np.array([r["source"] for r in rows])
     split = np.array([r["split"] for r in rows])
     is_fake = np.array([r["label"] == "fake" for r in rows])
@@ -143,45 +141,15 @@ def score_fold(x, rows, trained_on):
     prob_val = clf.predict_proba(x[val])[:, 1]
     t = choose_threshold(prob_val, is_fake[val].astype(int), source[val])
     low, high, _ = unsure_band(prob_val, is_fake[val].astype(int), t)
+    # The masks keep the rows' order: the same two lists two_fold.fold_rows makes.
     unseen = np.isin(source, _sources(OTHER[trained_on]))
-    prob = clf.predict_proba(x[unseen])[:, 1]
-    per_source = {}
-    for name in _sources(OTHER[trained_on]):
-        mine = source[unseen] == name
-        if mine.any():
-            label = bool(is_fake[unseen][mine][0])
-            per_source[name] = {"label": "fake" if label else "real", "n": int(mine.sum()),
-                                "accuracy": accuracy(prob[mine], label, t)}  # fmt: skip
-    class_means = [
-        np.mean([s["accuracy"] for s in per_source.values() if s["label"] == label])
-        for label in ("real", "fake")
-    ]
-    unseen_rows = [r for r, u in zip(rows, unseen) if u]
-    shown = decisions(is_fake[unseen].astype(int), prob, t, (low, high))
-    groups = called_real_by_group(unseen_rows, prob, t, (low, high))
+    prob_seen, prob = (clf.predict_proba(x[mask])[:, 1] for mask in (test, unseen))
+    record = fold_record(rows, trained_on, prob_seen, prob, t, (low, high))
     return {
-        "trained_on": trained_on,
-        "threshold": t,
-        "best_epoch": None,
-        "C": c,
-        "val_auc": float(val_auc),
-        "seen_test_accuracy": accuracy(clf.predict_proba(x[test])[:, 1], is_fake[test], t),
-        "unseen_balanced_accuracy": float(np.mean(class_means)),
-        "unseen_real_accuracy": float(class_means[0]),
-        "unseen_fake_accuracy": float(class_means[1]),
-        "worst_unseen_real": min(
-            (s["accuracy"], k) for k, s in per_source.items() if s["label"] == "real"
-        ),
-        "unseen_auc": float(roc_auc_score(is_fake[unseen], prob)),
-        "unseen_unsure_share": shown["unsure_share"],
-        "unseen_confident_accuracy": shown["confident_accuracy"],
-        "unseen_demographic_gap": groups["gap"]["gap"] if groups and groups["gap"] else None,
-        "unseen_demographics": groups,
-        "unseen_per_source": per_source,
-        "train_minutes": (time.time() - start) / 60,
-        "params": int(x.shape[1] + 1),
-        "ort_ms_batch1": None,
-    }
+        "trained_on": trained_on, "threshold": t, "best_epoch": None, "C": c,
+        "val_auc": float(val_auc), **record, "train_minutes": (time.time() - start) / 60,
+        "params": int(x.shape[1] + 1), "ort_ms_batch1": None,
+    }  # fmt: skip
 
 
 def parse_args(argv=None):

@@ -104,12 +104,23 @@ def score_fold(model, ckpt, rows, trained_on):
     """The seen half's test split and every image of the unseen half, at the run's threshold
     (and its unsure band: how many unseen faces land in it, how right the confident calls are)."""
     t = ckpt["threshold"]
-    band = ckpt.get("unsure_band") or [t, t]
+    seen_test, unseen = fold_rows(rows, trained_on)
+    record = fold_record(rows, trained_on, score(model, seen_test), score(model, unseen), t,
+                         ckpt.get("unsure_band") or [t, t])  # fmt: skip
+    return {"trained_on": trained_on, "threshold": t, "best_epoch": ckpt["epoch"], **record}
+
+
+def fold_rows(rows, trained_on):
+    """(the seen half's test rows, every row of the unseen half)."""
     seen_test = [r for r in rows if r["split"] == "test" and r["source"] in _sources(trained_on)]
-    prob_seen = score(model, seen_test)
+    return seen_test, [r for r in rows if r["source"] in _sources(OTHER[trained_on])]
+
+
+def fold_record(rows, trained_on, prob_seen, prob, t, band):
+    """The yardstick's figures for one fold from any scorer's prob_fake on fold_rows' two row
+    lists (the CNN here, experiments/spectrum.py's logistic regression there)."""
+    seen_test, unseen = fold_rows(rows, trained_on)
     labels_seen = np.array([r["label"] == "fake" for r in seen_test])
-    unseen = [r for r in rows if r["source"] in _sources(OTHER[trained_on])]
-    prob = score(model, unseen)
     is_fake = np.array([r["label"] == "fake" for r in unseen])
     per_source = {}
     for source in _sources(OTHER[trained_on]):
@@ -125,9 +136,6 @@ def score_fold(model, ckpt, rows, trained_on):
     shown = decisions(is_fake.astype(int), prob, t, band)  # real / fake / unsure, as infer.py says
     groups = called_real_by_group(unseen, prob, t, band)
     return {
-        "trained_on": trained_on,
-        "threshold": t,
-        "best_epoch": ckpt["epoch"],
         "seen_test_accuracy": accuracy(prob_seen, labels_seen, t),
         "unseen_balanced_accuracy": float(np.mean(class_means)),
         "unseen_real_accuracy": float(class_means[0]),
