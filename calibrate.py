@@ -107,7 +107,8 @@ def unsure_band(prob, labels, threshold, precision=0.95, max_real_called_fake=RE
     least `precision` of the time (each bound the one closest to the threshold that reaches it;
     the threshold itself where the plain calls already do), and at most max_real_called_fake of
     the real images at or above high (None: no such limit). decision() labels the band "unsure".
-    Returns (low, high, {precision of the confident calls, share of images in the band})."""
+    Returns (low, high, {precision of the confident calls, share of images in the band, share
+    of the real images called fake})."""
     prob, labels = np.asarray(prob, dtype=float), np.asarray(labels, dtype=int)
     values = np.unique(np.r_[prob, threshold])
     real_prob = prob[labels == 0]

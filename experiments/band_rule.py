@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from calibrate import unsure_band  # noqa: E402
 from common import atomic_write  # noqa: E402
+from evaluate import decisions  # noqa: E402
 
 RULES = {"95 % right each side": None, "+ <= 2 % of reals": 0.02, "+ <= 1 % of reals": 0.01}
 
@@ -56,34 +57,39 @@ def read_predictions(folder):
     return prob, labels, np.array([r["source"] for r in rows]), threshold
 
 
-def outcome(prob, labels, sources, low, high):
-    """The test split under a band: unsure share, confident calls right, reals called fake."""
-    fake_calls, real_calls = prob >= high, prob < low
-    confident = fake_calls | real_calls
-    right = (fake_calls & (labels == 1)) | (real_calls & (labels == 0))
+def outcome(prob, labels, sources, threshold, band):
+    """The test split under a band, as evaluate.py reports it (evaluate.decisions): unsure share,
+    confident calls right, reals called fake confidently, and the real source worst at that."""
+    d = decisions(labels, prob, threshold, band)
     real = labels == 0
-    per_source = {s: fake_calls[real & (sources == s)].mean() for s in np.unique(sources[real])}
+    per_source = {}
+    for source in np.unique(sources[real]):
+        m = real & (sources == source)
+        per_source[source] = decisions(labels[m], prob[m], threshold, band)["per_class"]["real"][
+            "fake"
+        ]
     worst = max(per_source, key=per_source.get)
-    return {"unsure": 1 - confident.mean(), "right": right.sum() / max(confident.sum(), 1),
-            "real_called_fake": fake_calls[real].mean(),
+    return {"unsure": d["unsure_share"], "right": d["confident_accuracy"],
+            "real_called_fake": d["real_called_fake_confidently"],
             "worst_source": f"{worst} {per_source[worst]:.3f}"}  # fmt: skip
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     lines = ["Unsure band rules: set on validation (calibrate.unsure_band), applied to the test "
              "split (the evaluate.py runs that make the folders: experiments/band_rule.py). "
-             "`python experiments/band_rule.py " + " ".join(sys.argv[1:]) + "`", "",
+             "`python experiments/band_rule.py " + " ".join(argv) + "`", "",
              "| model | rule | band | val unsure | val reals called fake | test unsure | "
              "test confident calls right | test reals called fake confidently | worst real "
              "source |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, val_dir, test_dir in args.model:
         val_prob, val_labels, _, threshold = read_predictions(val_dir)
-        test = read_predictions(test_dir)[:3]
+        test = read_predictions(test_dir)[:3]  # the same model: the threshold is the val's
         for rule, cap in RULES.items():
             low, high, stats = unsure_band(val_prob, val_labels, threshold,
                                            max_real_called_fake=cap)  # fmt: skip
-            o = outcome(*test, low, high)
+            o = outcome(*test, threshold, (low, high))
             lines.append(f"| {name} | {rule} | {low:.3f}-{high:.3f} | {stats['unsure_share']:.3f} "
                          f"| {stats['real_called_fake']:.3f} | {o['unsure']:.3f} | "
                          f"{o['right']:.3f} | {o['real_called_fake']:.3f} | {o['worst_source']} |")  # fmt: skip
